@@ -1,0 +1,45 @@
+//! Running the host tools that assets come from (apt, dpkg-deb, mmdebstrap,
+//! mkfs.erofs), with failures turned into [`AssetError`]s that say which
+//! tool failed and what it printed.
+
+use std::process::{Command, Output, Stdio};
+
+use crate::AssetError;
+
+/// How much of a failed tool's output is kept for the error message.
+const OUTPUT_TAIL: usize = 2000;
+
+/// Runs `command` to completion, capturing its output.
+pub fn run(command: &mut Command) -> Result<Output, AssetError> {
+    let tool = command.get_program().to_string_lossy().into_owned();
+    tracing::debug!(?command, "running");
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| AssetError::ToolMissing {
+            tool: tool.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
+        if text.trim().is_empty() {
+            text = String::from_utf8_lossy(&output.stdout).into_owned();
+        }
+        let start = text.len().saturating_sub(OUTPUT_TAIL);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        return Err(AssetError::ToolFailed {
+            tool,
+            status: output.status,
+            output: text[start..].trim().to_string(),
+        });
+    }
+    Ok(output)
+}
+
+/// True when this process runs as root, so tools need no user namespace.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,87 @@
+//! The default root image: Debian bookworm `minbase` (plus `mount` and
+//! `procps`) built with `mmdebstrap` and packed into a read-only erofs
+//! image. The guest mounts it as the lower layer of an overlay, so one
+//! image serves every VM and none of them can change it.
+//!
+//! As root, `mmdebstrap` writes a directory directly. As an ordinary user it
+//! runs in `unshare` mode and writes a tarball; the tree is then unpacked
+//! and packed inside a user namespace mapped with the user's subordinate
+//! ids, so file ownership inside the image is still right.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::command::{is_root, run};
+use crate::{AssetError, Cache, Progress};
+
+/// File name of the default image in the cache's `images/` directory.
+pub const DEFAULT_IMAGE: &str = "debian-bookworm-minbase.erofs";
+
+/// Debian suite of the default image.
+const SUITE: &str = "bookworm";
+
+/// Packages added to `minbase`: `mount` for remounts and `procps` for `ps`.
+const EXTRA_PACKAGES: &str = "mount,procps";
+
+/// Path of the default image, whether it exists yet or not.
+pub fn default_image_path(cache: &Cache) -> PathBuf {
+    cache.root().join("images").join(DEFAULT_IMAGE)
+}
+
+/// The default image, built first if it is missing.
+pub fn ensure_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, AssetError> {
+    let path = default_image_path(cache);
+    if path.is_file() {
+        return Ok(path);
+    }
+    build_default(cache, progress)?;
+    Ok(path)
+}
+
+/// Builds the default image, replacing any existing one.
+pub fn build_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, AssetError> {
+    let images = cache.dir("images")?;
+    let work = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(&images)
+        .map_err(AssetError::io("cannot create a build directory"))?;
+    let image = work.path().join(DEFAULT_IMAGE);
+    progress.step(&format!(
+        "building Debian {SUITE} minbase with mmdebstrap (takes a minute)"
+    ));
+    if is_root() {
+        let tree = work.path().join("tree");
+        run(Command::new("mmdebstrap")
+            .args(["--quiet", "--variant=minbase", "--mode=root"])
+            .arg(format!("--include={EXTRA_PACKAGES}"))
+            .arg(SUITE)
+            .arg(&tree))?;
+        progress.step("packing the erofs image");
+        run(Command::new("mkfs.erofs").arg("-q").arg(&image).arg(&tree))?;
+        remove_tree(&tree)?;
+    } else {
+        let tarball = work.path().join("rootfs.tar");
+        run(Command::new("mmdebstrap")
+            .args(["--quiet", "--variant=minbase", "--mode=unshare"])
+            .arg(format!("--include={EXTRA_PACKAGES}"))
+            .arg(SUITE)
+            .arg(&tarball))?;
+        progress.step("packing the erofs image");
+        run(Command::new("unshare")
+            .args(["--map-auto", "--map-root-user", "--", "sh", "-euc"])
+            .arg("mkdir tree && tar -xf rootfs.tar -C tree && mkfs.erofs -q image.erofs tree && rm -rf tree")
+            .current_dir(work.path()))?;
+        fs::rename(work.path().join("image.erofs"), &image)
+            .map_err(AssetError::io("cannot move the packed image"))?;
+    }
+    let target = images.join(DEFAULT_IMAGE);
+    fs::rename(&image, &target)
+        .map_err(AssetError::io(format!("cannot store {}", target.display())))?;
+    progress.finish();
+    Ok(target)
+}
+
+fn remove_tree(tree: &Path) -> Result<(), AssetError> {
+    fs::remove_dir_all(tree).map_err(AssetError::io(format!("cannot remove {}", tree.display())))
+}
