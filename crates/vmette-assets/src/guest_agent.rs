@@ -63,9 +63,11 @@ mod tests {
     #[test]
     fn looks_in_the_cargo_target_dir_for_development_builds() {
         let found = candidates_near(Path::new("/w/target/release/deps"));
-        assert!(found.contains(&PathBuf::from(
-            "/w/target/x86_64-unknown-linux-musl/release-guest/vmette-guest"
-        )) || cfg!(target_arch = "aarch64"));
+        assert!(
+            found.contains(&PathBuf::from(
+                "/w/target/x86_64-unknown-linux-musl/release-guest/vmette-guest"
+            )) || cfg!(target_arch = "aarch64")
+        );
         assert!(found.contains(&PathBuf::from("/w/target/release/deps/vmette-guest")));
     }
 }

@@ -10,9 +10,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::command::{is_root, run};
+use crate::command::{is_root, run, tool};
 use crate::{AssetError, Cache, Progress};
 
 /// File name of the default image in the cache's `images/` directory.
@@ -52,25 +51,25 @@ pub fn build_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, 
     ));
     if is_root() {
         let tree = work.path().join("tree");
-        run(Command::new("mmdebstrap")
+        run(tool("mmdebstrap")
             .args(["--quiet", "--variant=minbase", "--mode=root"])
             .arg(format!("--include={EXTRA_PACKAGES}"))
             .arg(SUITE)
             .arg(&tree))?;
         progress.step("packing the erofs image");
-        run(Command::new("mkfs.erofs").arg("-q").arg(&image).arg(&tree))?;
+        run(tool("mkfs.erofs").arg("--quiet").arg(&image).arg(&tree))?;
         remove_tree(&tree)?;
     } else {
         let tarball = work.path().join("rootfs.tar");
-        run(Command::new("mmdebstrap")
+        run(tool("mmdebstrap")
             .args(["--quiet", "--variant=minbase", "--mode=unshare"])
             .arg(format!("--include={EXTRA_PACKAGES}"))
             .arg(SUITE)
             .arg(&tarball))?;
         progress.step("packing the erofs image");
-        run(Command::new("unshare")
+        run(tool("unshare")
             .args(["--map-auto", "--map-root-user", "--", "sh", "-euc"])
-            .arg("mkdir tree && tar -xf rootfs.tar -C tree && mkfs.erofs -q image.erofs tree && rm -rf tree")
+            .arg("mkdir tree && tar -xf rootfs.tar -C tree && mkfs.erofs --quiet image.erofs tree && rm -rf tree")
             .current_dir(work.path()))?;
         fs::rename(work.path().join("image.erofs"), &image)
             .map_err(AssetError::io("cannot move the packed image"))?;

@@ -42,7 +42,11 @@ pub fn ensure(cache: &Cache, kernel: &Kernel, agent: &Path) -> Result<PathBuf, A
     hasher.update(LAYOUT_VERSION);
     hasher.update(&agent_bytes);
     hasher.update(kernel.release.as_bytes());
-    hasher.update(modules_dir.map(|d| d.as_os_str().as_encoded_bytes()).unwrap_or(b"-"));
+    hasher.update(
+        modules_dir
+            .map(|d| d.as_os_str().as_encoded_bytes())
+            .unwrap_or(b"-"),
+    );
     hasher.update(GUEST_MODULES.join(",").as_bytes());
     let key = hex::encode(hasher.finalize());
     let dir = cache.dir("initramfs")?;
@@ -84,15 +88,18 @@ pub fn ensure(cache: &Cache, kernel: &Kernel, agent: &Path) -> Result<PathBuf, A
 
 /// Orders `wanted` and everything they depend on so that each module comes
 /// after its dependencies.
-fn resolve_load_order(
-    tree: &Path,
-    wanted: &[&str],
-) -> Result<Vec<(String, PathBuf)>, AssetError> {
+fn resolve_load_order(tree: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, AssetError> {
     let index = modinfo::index(tree);
     let mut order = Vec::new();
     let mut seen = HashSet::new();
     for name in wanted {
-        visit(&modinfo::canonical(name), tree, &index, &mut seen, &mut order)?;
+        visit(
+            &modinfo::canonical(name),
+            tree,
+            &index,
+            &mut seen,
+            &mut order,
+        )?;
     }
     Ok(order)
 }
@@ -146,7 +153,8 @@ impl Archive {
         ];
         self.bytes.extend_from_slice(b"070701");
         for field in fields {
-            self.bytes.extend_from_slice(format!("{field:08x}").as_bytes());
+            self.bytes
+                .extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.bytes.extend_from_slice(name.as_bytes());
         self.bytes.push(0);

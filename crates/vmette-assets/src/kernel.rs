@@ -8,9 +8,8 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::command::run;
+use crate::command::{run, tool};
 use crate::{AssetError, Cache, Progress};
 
 /// A kernel image and the module tree built with it.
@@ -66,7 +65,7 @@ pub fn cached(cache: &Cache) -> Result<Option<Kernel>, AssetError> {
 pub fn fetch(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, AssetError> {
     let meta = meta_package();
     progress.step(&format!("resolving {meta}"));
-    let output = run(Command::new("apt-cache").args(["depends", meta]))?;
+    let output = run(tool("apt-cache").args(["depends", meta]))?;
     let package = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| line.trim().strip_prefix("Depends: "))
@@ -86,7 +85,7 @@ pub fn fetch(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, AssetErro
         .tempdir_in(&kernels)
         .map_err(AssetError::io("cannot create a download directory"))?;
     progress.step(&format!("downloading {package}"));
-    run(Command::new("apt-get")
+    run(tool("apt-get")
         .args(["download", "-q", &package])
         .current_dir(work.path()))?;
     let deb = fs::read_dir(work.path())
@@ -99,15 +98,19 @@ pub fn fetch(cache: &Cache, progress: &dyn Progress) -> Result<Kernel, AssetErro
         })?;
     progress.step(&format!("unpacking {package}"));
     let tree = work.path().join("tree");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    run(tool("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
     fs::write(tree.join(COMPLETE), package.as_bytes())
         .map_err(AssetError::io("cannot mark the kernel complete"))?;
     if target.exists() {
-        fs::remove_dir_all(&target)
-            .map_err(AssetError::io(format!("cannot replace {}", target.display())))?;
+        fs::remove_dir_all(&target).map_err(AssetError::io(format!(
+            "cannot replace {}",
+            target.display()
+        )))?;
     }
-    fs::rename(&tree, &target)
-        .map_err(AssetError::io(format!("cannot move the kernel to {}", target.display())))?;
+    fs::rename(&tree, &target).map_err(AssetError::io(format!(
+        "cannot move the kernel to {}",
+        target.display()
+    )))?;
     progress.finish();
     from_tree(&target)
 }
@@ -130,7 +133,11 @@ pub fn from_tree(tree: &Path) -> Result<Kernel, AssetError> {
         })?;
     let release = image
         .file_name()
-        .map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_string())
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_start_matches("vmlinuz-")
+                .to_string()
+        })
         .unwrap_or_default();
     let modules = tree.join("lib/modules").join(&release);
     Ok(Kernel {
@@ -169,11 +176,14 @@ pub fn for_image(cache: &Cache, image: &Path) -> Result<Kernel, AssetError> {
 /// empty release, which matches no module tree.
 pub fn release_of(image: &Path) -> Result<String, AssetError> {
     let mut header = vec![0u8; 0x8000];
-    let mut file = fs::File::open(image)
-        .map_err(AssetError::io(format!("cannot open kernel {}", image.display())))?;
-    let len = file
-        .read(&mut header)
-        .map_err(AssetError::io(format!("cannot read kernel {}", image.display())))?;
+    let mut file = fs::File::open(image).map_err(AssetError::io(format!(
+        "cannot open kernel {}",
+        image.display()
+    )))?;
+    let len = file.read(&mut header).map_err(AssetError::io(format!(
+        "cannot read kernel {}",
+        image.display()
+    )))?;
     header.truncate(len);
     Ok(bzimage_release(&header).unwrap_or_default())
 }
@@ -200,7 +210,10 @@ mod tests {
         header[0x20e..0x210].copy_from_slice(&0x0300u16.to_le_bytes());
         let text = b"6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1\0";
         header[0x500..0x500 + text.len()].copy_from_slice(text);
-        assert_eq!(bzimage_release(&header).as_deref(), Some("6.1.0-57-cloud-amd64"));
+        assert_eq!(
+            bzimage_release(&header).as_deref(),
+            Some("6.1.0-57-cloud-amd64")
+        );
     }
 
     #[test]

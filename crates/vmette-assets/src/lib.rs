@@ -19,6 +19,7 @@ mod cache;
 mod command;
 mod error;
 pub mod guest_agent;
+pub mod host_tool;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;

@@ -17,7 +17,8 @@ pub fn canonical(name: &str) -> String {
 
 /// The `depends=` modules of the module at `path`.
 pub fn depends(path: &Path) -> Result<Vec<String>, AssetError> {
-    let bytes = fs::read(path).map_err(AssetError::io(format!("cannot read {}", path.display())))?;
+    let bytes =
+        fs::read(path).map_err(AssetError::io(format!("cannot read {}", path.display())))?;
     let metadata_error = |reason: String| AssetError::ModuleMetadata {
         path: path.to_path_buf(),
         reason,

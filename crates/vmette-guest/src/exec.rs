@@ -30,7 +30,10 @@ use crate::channel::Outbox;
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 const DEFAULT_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
     ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
 ];
@@ -82,7 +85,8 @@ impl Execs {
     pub fn start(&self, request: ExecRequest) {
         let id = request.id;
         if let Err((message, code)) = self.try_start(request) {
-            self.outbox.send(GuestMessage::ExecFailed { id, message, code });
+            self.outbox
+                .send(GuestMessage::ExecFailed { id, message, code });
         }
     }
 
@@ -221,11 +225,7 @@ fn spawn_named(name: &str, body: impl FnOnce() + Send + 'static) {
     }
 }
 
-fn pump_output(
-    mut pipe: impl Read,
-    frame: impl Fn(Vec<u8>) -> GuestMessage,
-    outbox: &Outbox,
-) {
+fn pump_output(mut pipe: impl Read, frame: impl Fn(Vec<u8>) -> GuestMessage, outbox: &Outbox) {
     let mut buf = vec![0u8; MAX_CHUNK_LEN];
     loop {
         match pipe.read(&mut buf) {

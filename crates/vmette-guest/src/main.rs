@@ -40,7 +40,8 @@ fn main() -> ExitCode {
 fn boot_and_serve() -> Result<(), String> {
     root::mount_early().map_err(|e| format!("phase 1 (early mounts): {e}"))?;
     modules::load_listed().map_err(|e| format!("phase 2 (kernel modules): {e}"))?;
-    let channel = channel::Channel::open().map_err(|e| format!("phase 3 (control channel): {e}"))?;
+    let channel =
+        channel::Channel::open().map_err(|e| format!("phase 3 (control channel): {e}"))?;
     let outbox = channel.outbox();
     let mut inbox = channel.inbox();
     outbox.send(GuestMessage::Hello {
@@ -49,7 +50,10 @@ fn boot_and_serve() -> Result<(), String> {
     });
 
     let envelope = loop {
-        match inbox.next().map_err(|e| format!("phase 4 (boot envelope): {e}"))? {
+        match inbox
+            .next()
+            .map_err(|e| format!("phase 4 (boot envelope): {e}"))?
+        {
             HostMessage::Boot(envelope) => break envelope,
             HostMessage::PowerOff => return Ok(()),
             other => eprintln!("vmette-guest: ignoring {other:?} before boot"),
@@ -67,7 +71,10 @@ fn boot_and_serve() -> Result<(), String> {
 
     let execs = exec::Execs::new(outbox.clone());
     loop {
-        match inbox.next().map_err(|e| format!("phase 5 (serving): {e}"))? {
+        match inbox
+            .next()
+            .map_err(|e| format!("phase 5 (serving): {e}"))?
+        {
             HostMessage::Exec(request) => execs.start(request),
             HostMessage::Stdin { id, data } => execs.stdin(id, data),
             HostMessage::StdinEof { id } => execs.stdin_eof(id),

@@ -117,7 +117,13 @@ pub fn assemble(envelope: &BootEnvelope) -> io::Result<()> {
         nodev,
         Some("mode=1777"),
     )?;
-    mount_fs("run", &format!("{root_dir}/run"), "tmpfs", nodev, Some("mode=0755"))?;
+    mount_fs(
+        "run",
+        &format!("{root_dir}/run"),
+        "tmpfs",
+        nodev,
+        Some("mode=0755"),
+    )?;
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -131,14 +137,8 @@ pub fn assemble(envelope: &BootEnvelope) -> io::Result<()> {
     }
 
     chdir(root_dir).map_err(io::Error::from)?;
-    mount(
-        Some("."),
-        "/",
-        None::<&str>,
-        MsFlags::MS_MOVE,
-        None::<&str>,
-    )
-    .map_err(|e| io::Error::other(format!("moving the new root over /: {e}")))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| io::Error::other(format!("moving the new root over /: {e}")))?;
     chroot(".").map_err(io::Error::from)?;
     chdir("/").map_err(io::Error::from)?;
 
@@ -150,16 +150,30 @@ pub fn assemble(envelope: &BootEnvelope) -> io::Result<()> {
 /// Mounts the writable upper layer and the overlay; returns the new root.
 fn overlay(upper: &OverlayUpper) -> io::Result<&'static str> {
     match upper {
-        OverlayUpper::Tmpfs => mount_fs("upper", UPPER, "tmpfs", MsFlags::empty(), Some("mode=0755"))?,
+        OverlayUpper::Tmpfs => {
+            mount_fs("upper", UPPER, "tmpfs", MsFlags::empty(), Some("mode=0755"))?
+        }
         OverlayUpper::Disk { serial } => {
             let device = find_disk(serial)?;
-            mount_fs(&device.to_string_lossy(), UPPER, "ext4", MsFlags::empty(), None)?;
+            mount_fs(
+                &device.to_string_lossy(),
+                UPPER,
+                "ext4",
+                MsFlags::empty(),
+                None,
+            )?;
         }
     }
     fs::create_dir_all(format!("{UPPER}/data"))?;
     fs::create_dir_all(format!("{UPPER}/work"))?;
     let options = format!("lowerdir={LOWER},upperdir={UPPER}/data,workdir={UPPER}/work");
-    mount_fs("overlay", NEW_ROOT, "overlay", MsFlags::empty(), Some(&options))?;
+    mount_fs(
+        "overlay",
+        NEW_ROOT,
+        "overlay",
+        MsFlags::empty(),
+        Some(&options),
+    )?;
     Ok(NEW_ROOT)
 }
 

@@ -47,8 +47,8 @@ impl FrameError {
 /// that concurrent writers holding a lock never interleave partial frames.
 pub fn write_frame<W: Write, T: Serialize>(writer: &mut W, message: &T) -> Result<(), FrameError> {
     let mut buf = vec![0u8; FRAME_HEADER_LEN];
-    let mut buf = postcard::to_extend(message, std::mem::take(&mut buf))
-        .map_err(FrameError::Malformed)?;
+    let mut buf =
+        postcard::to_extend(message, std::mem::take(&mut buf)).map_err(FrameError::Malformed)?;
     let body_len = buf.len() - FRAME_HEADER_LEN;
     if body_len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(body_len));
@@ -78,7 +78,9 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(reader: &mut R) -> Result<Option
     }
     let (message, rest) = postcard::take_from_bytes(&body).map_err(FrameError::Malformed)?;
     if !rest.is_empty() {
-        return Err(FrameError::Malformed(postcard::Error::DeserializeBadEncoding));
+        return Err(FrameError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(Some(message))
 }

@@ -43,8 +43,8 @@ mod messages;
 
 pub use frame::{read_frame, write_frame, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use messages::{
-    BootEnvelope, ExecId, ExecRequest, ExitStatus, GuestMessage, HostMessage,
-    InvalidMessage, OverlayUpper, RootSource, ShareMount, MAX_ARGS, MAX_CHUNK_LEN, MAX_ENV, MAX_SHARES,
+    BootEnvelope, ExecId, ExecRequest, ExitStatus, GuestMessage, HostMessage, InvalidMessage,
+    OverlayUpper, RootSource, ShareMount, MAX_ARGS, MAX_CHUNK_LEN, MAX_ENV, MAX_SHARES,
     PROTOCOL_VERSION, STDIN_WINDOW,
 };
 

@@ -1,0 +1,337 @@
+//! What to run and how: the [`Config`] every front end fills in.
+//!
+//! `Config` is plain data. [`Config::validate`] checks it without touching
+//! anything but the file system's metadata, so a bad request fails before a
+//! single process starts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::Error;
+
+/// Default guest memory, MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Smallest guest memory vmette accepts, MiB: the kernel, the initramfs and
+/// a tmpfs overlay need about this much.
+pub const MIN_MEMORY_MIB: u32 = 128;
+/// Most guest memory vmette accepts, MiB.
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+/// Most vCPUs vmette accepts.
+pub const MAX_VCPUS: u8 = 64;
+/// Smallest scratch disk, MiB (ext4 needs room for its own metadata).
+pub const MIN_SCRATCH_MIB: u64 = 16;
+/// Default cap on each captured output stream.
+pub const DEFAULT_CAPTURE_LIMIT: usize = 1 << 20;
+
+/// Where the guest's root file system comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Rootfs {
+    /// The default Debian image from the cache, built on first use.
+    #[default]
+    Default,
+    /// A file system image (erofs, squashfs or ext4), attached read-only.
+    Image(PathBuf),
+    /// A host directory shared with virtio-fs.
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// Write through to the directory instead of into a throwaway overlay.
+        writable: bool,
+    },
+}
+
+/// A host directory mounted in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The host directory.
+    pub host_path: PathBuf,
+    /// Where the guest sees it; absolute.
+    pub guest_path: String,
+    /// Let the guest write. Read-only shares are enforced by the host.
+    pub writable: bool,
+}
+
+/// An extra block device for the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file (raw or qcow2).
+    pub path: PathBuf,
+    /// Attach read-only.
+    pub read_only: bool,
+}
+
+/// What the command reads on stdin.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Stdin {
+    /// `/dev/null`.
+    #[default]
+    Null,
+    /// This process's stdin, forwarded until end-of-file.
+    Inherit,
+    /// These bytes, then end-of-file.
+    Bytes(Vec<u8>),
+}
+
+/// Which accelerator the engine should use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// Hardware virtualisation where it really works, emulation otherwise.
+    #[default]
+    Auto,
+    /// Hardware virtualisation (KVM on Linux); an error where it does not work.
+    Hardware,
+    /// Software emulation (TCG on QEMU).
+    Emulation,
+}
+
+/// A one-shot run: boot a VM, run one command, power off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Program and arguments to run in the guest.
+    pub command: Vec<String>,
+    /// Environment variables for the command, over the guest's defaults.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest; `/` when `None`.
+    pub workdir: Option<String>,
+    /// What the command reads on stdin.
+    pub stdin: Stdin,
+    /// The root file system.
+    pub rootfs: Rootfs,
+    /// Host directories to mount.
+    pub shares: Vec<Share>,
+    /// Extra block devices.
+    pub disks: Vec<Disk>,
+    /// Size of an ephemeral ext4 disk holding the root's writable layer,
+    /// in MiB; `None` keeps the layer in guest memory.
+    pub scratch_mib: Option<u64>,
+    /// Kill the VM after this long; the run then reports a timeout.
+    pub timeout: Option<Duration>,
+    /// Virtual CPUs.
+    pub vcpus: u8,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Kernel image; the cached cloud kernel when `None`.
+    pub kernel: Option<PathBuf>,
+    /// Initramfs; built from the guest agent and the kernel's modules when `None`.
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended after vmette's own, so
+    /// that a later `key=value` overrides an earlier one.
+    pub cmdline_extra: Option<String>,
+    /// Accelerator preference.
+    pub accel: Accel,
+    /// Cap on each captured output stream, in bytes.
+    pub capture_limit: usize,
+}
+
+impl Config {
+    /// A config that runs `command` with every other setting at its default.
+    pub fn new<I, S>(command: I) -> Config
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Config {
+            command: command.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            workdir: None,
+            stdin: Stdin::Null,
+            rootfs: Rootfs::Default,
+            shares: Vec::new(),
+            disks: Vec::new(),
+            scratch_mib: None,
+            timeout: None,
+            vcpus: 1,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            kernel: None,
+            initramfs: None,
+            cmdline_extra: None,
+            accel: Accel::Auto,
+            capture_limit: DEFAULT_CAPTURE_LIMIT,
+        }
+    }
+
+    /// Checks every field; the first problem found is returned as
+    /// [`Error::InvalidConfig`].
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return invalid("command", "no command given");
+        }
+        if self.command.len() > vmette_proto::MAX_ARGS {
+            return invalid("command", "too many arguments");
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return invalid("command", "arguments must not contain NUL bytes");
+        }
+        for (key, value) in &self.env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+                return invalid(
+                    "env",
+                    format!("{key:?} is not a valid variable name (expected KEY=VALUE)"),
+                );
+            }
+        }
+        if let Some(dir) = &self.workdir {
+            if !dir.starts_with('/') {
+                return invalid("workdir", format!("{dir} is not an absolute path"));
+            }
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return invalid("vcpus", format!("must be 1 to {MAX_VCPUS}"));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return invalid(
+                "memory",
+                format!(
+                    "{} MiB is outside {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB",
+                    self.memory_mib
+                ),
+            );
+        }
+        if let Some(timeout) = self.timeout {
+            if timeout.is_zero() {
+                return invalid("timeout", "must be longer than zero");
+            }
+        }
+        if let Some(mib) = self.scratch_mib {
+            if mib < MIN_SCRATCH_MIB {
+                return invalid("scratch", format!("must be at least {MIN_SCRATCH_MIB} MiB"));
+            }
+            if matches!(self.rootfs, Rootfs::Directory { writable: true, .. }) {
+                return invalid(
+                    "scratch",
+                    "a writable directory rootfs has no overlay to put on a scratch disk",
+                );
+            }
+        }
+        if let Some(kernel) = &self.kernel {
+            require_file("kernel", kernel)?;
+        }
+        if let Some(initramfs) = &self.initramfs {
+            require_file("initramfs", initramfs)?;
+        }
+        match &self.rootfs {
+            Rootfs::Default => {}
+            Rootfs::Image(path) => require_file("rootfs", path)?,
+            Rootfs::Directory { path, .. } => require_dir("rootfs", path)?,
+        }
+        if self.shares.len() > vmette_proto::MAX_SHARES {
+            return invalid("share", "too many shares");
+        }
+        for share in &self.shares {
+            require_dir("share", &share.host_path)?;
+            let guest = &share.guest_path;
+            if !guest.starts_with('/') || guest == "/" {
+                return invalid(
+                    "share",
+                    format!("guest path {guest:?} must be an absolute path other than /"),
+                );
+            }
+            if guest.split('/').any(|part| part == "..") {
+                return invalid(
+                    "share",
+                    format!("guest path {guest:?} must not contain '..'"),
+                );
+            }
+        }
+        if self.disks.len() > vmette_proto::MAX_SHARES {
+            return invalid("disk", "too many disks");
+        }
+        for disk in &self.disks {
+            require_file("disk", &disk.path)?;
+        }
+        if self.capture_limit == 0 {
+            return invalid("capture limit", "must be at least one byte");
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Result<(), Error> {
+    Err(Error::InvalidConfig {
+        field,
+        reason: reason.into(),
+    })
+}
+
+fn require_file(field: &'static str, path: &Path) -> Result<(), Error> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => invalid(field, format!("{} is not a file", path.display())),
+        Err(_) => invalid(field, format!("{} does not exist", path.display())),
+    }
+}
+
+fn require_dir(field: &'static str, path: &Path) -> Result<(), Error> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => invalid(field, format!("{} is not a directory", path.display())),
+        Err(_) => invalid(field, format!("{} does not exist", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(config: &Config) -> &'static str {
+        match config.validate() {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_config_is_valid() {
+        assert!(Config::new(["true"]).validate().is_ok());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let mut c = Config::new(Vec::<String>::new());
+        assert_eq!(field_of(&c), "command");
+
+        c = Config::new(["true"]);
+        c.memory_mib = 0;
+        assert_eq!(field_of(&c), "memory");
+
+        c = Config::new(["true"]);
+        c.vcpus = 0;
+        assert_eq!(field_of(&c), "vcpus");
+
+        c = Config::new(["true"]);
+        c.env = vec![("".into(), "x".into())];
+        assert_eq!(field_of(&c), "env");
+
+        c = Config::new(["true"]);
+        c.kernel = Some("/nonexistent/vmlinuz".into());
+        assert_eq!(field_of(&c), "kernel");
+
+        c = Config::new(["true"]);
+        c.shares = vec![Share {
+            host_path: "/nonexistent/dir".into(),
+            guest_path: "/mnt".into(),
+            writable: false,
+        }];
+        assert_eq!(field_of(&c), "share");
+
+        c = Config::new(["true"]);
+        c.shares = vec![Share {
+            host_path: std::env::temp_dir(),
+            guest_path: "/a/../b".into(),
+            writable: false,
+        }];
+        assert_eq!(field_of(&c), "share");
+
+        c = Config::new(["true"]);
+        c.timeout = Some(Duration::ZERO);
+        assert_eq!(field_of(&c), "timeout");
+
+        c = Config::new(["true"]);
+        c.scratch_mib = Some(1);
+        assert_eq!(field_of(&c), "scratch");
+
+        c = Config::new(["true"]);
+        c.workdir = Some("relative".into());
+        assert_eq!(field_of(&c), "workdir");
+    }
+}

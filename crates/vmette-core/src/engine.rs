@@ -1,0 +1,154 @@
+//! The boundary between the host library and a hypervisor.
+//!
+//! The library turns a [`crate::Config`] into a [`VmSpec`]: a machine with
+//! a kernel, disks identified by serial, directory shares identified by tag,
+//! and a control channel. An [`Engine`] makes that machine real (QEMU on
+//! Linux, Virtualization.framework on macOS) and hands back a [`Vm`]. The
+//! library never learns which engine it talks to; engines depend on this
+//! crate, never the reverse.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::process::Watchdog;
+use crate::Accel;
+
+/// A block device of the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Serial number the guest finds the disk by (at most 20 bytes).
+    pub serial: String,
+    /// The image file.
+    pub path: PathBuf,
+    /// Attach read-only; the engine must refuse guest writes.
+    pub read_only: bool,
+}
+
+/// A host directory shared over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    /// virtio-fs tag the guest mounts by.
+    pub tag: String,
+    /// The host directory.
+    pub path: PathBuf,
+    /// Refuse guest writes on the host side.
+    pub read_only: bool,
+}
+
+/// The machine an engine is asked to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs holding the guest agent.
+    pub initramfs: PathBuf,
+    /// Kernel arguments to append after the engine's own.
+    pub cmdline_extra: String,
+    /// Virtual CPUs.
+    pub vcpus: u8,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Block devices.
+    pub disks: Vec<DiskSpec>,
+    /// Directory shares.
+    pub shares: Vec<ShareSpec>,
+    /// Accelerator preference.
+    pub accel: Accel,
+    /// A private directory for the engine's sockets and logs; removed after
+    /// the run.
+    pub run_dir: PathBuf,
+}
+
+/// One line of `vmette doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// What was found.
+    pub detail: String,
+    /// `None` when fine; otherwise the command or step that fixes it.
+    pub fix: Option<String>,
+}
+
+/// A hypervisor back end.
+pub trait Engine: Send + Sync {
+    /// Short name (`qemu`, `vz`).
+    fn name(&self) -> &'static str;
+
+    /// Starts the machine. Every helper process the engine spawns must be
+    /// spawned with [`crate::process::spawn_helper`], so that it dies with
+    /// the run, however the run ends.
+    fn start(&self, spec: &VmSpec, watchdog: &Watchdog) -> Result<Box<dyn Vm>, EngineError>;
+
+    /// What this engine needs from the host and whether it is there.
+    fn diagnose(&self) -> Vec<Check>;
+}
+
+/// A started machine. Dropping it stops the machine and its helpers.
+pub trait Vm: Send {
+    /// Connects to the guest agent's control channel, waiting until
+    /// `deadline` for the engine to make it available.
+    fn connect_control(&mut self, deadline: Instant) -> Result<UnixStream, EngineError>;
+
+    /// `true` once the machine has stopped.
+    fn has_exited(&mut self) -> bool;
+
+    /// Waits up to `timeout` for the machine to stop by itself.
+    fn wait_exit(&mut self, timeout: Duration) -> bool;
+
+    /// Stops the machine at once.
+    fn kill(&mut self);
+
+    /// The end of the guest's console output, for error reports.
+    fn console_tail(&self) -> String;
+
+    /// Which accelerator runs the machine, and why, for `-v` output.
+    fn accelerator(&self) -> String;
+}
+
+/// Why an engine could not start or talk to a machine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// A helper program could not be started.
+    #[error("could not start {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hypervisor exited during start-up.
+    #[error("{program} exited during start-up: {output}")]
+    EarlyExit {
+        /// The program.
+        program: String,
+        /// What it printed.
+        output: String,
+    },
+    /// The requested accelerator cannot be used on this host.
+    #[error("the {accel} accelerator is not usable here: {reason}")]
+    AccelUnavailable {
+        /// The accelerator.
+        accel: &'static str,
+        /// Why not.
+        reason: String,
+    },
+    /// The machine did not offer its control channel in time.
+    #[error("the control channel did not appear within {0:?}")]
+    ControlTimeout(Duration),
+    /// Something the engine needs is unsupported by this host or engine.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A file or socket operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,72 @@
+use std::io;
+
+use vmette_assets::AssetError;
+use vmette_proto::FrameError;
+
+use crate::engine::EngineError;
+
+/// Why a run failed before the command could report an exit status.
+///
+/// A command that ran and failed is not an error: its status is in
+/// [`crate::RunOutput`]. These are failures of vmette itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A [`crate::Config`] field is wrong; nothing was started.
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig {
+        /// Which field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The kernel, initramfs or root image could not be prepared.
+    #[error("cannot prepare the VM's boot files")]
+    Assets(#[source] AssetError),
+    /// The engine could not start the VM.
+    #[error("the VM could not be started")]
+    StartFailed(#[source] EngineError),
+    /// The guest did not come up, or could not assemble its root.
+    #[error("the guest did not boot: {reason}")]
+    BootFailed {
+        /// What went wrong.
+        reason: String,
+        /// The end of the guest console, for diagnosis.
+        console: String,
+    },
+    /// The guest agent sent something the host cannot accept.
+    #[error("the guest agent broke the protocol: {0}")]
+    Protocol(String),
+    /// The control channel to the guest failed.
+    #[error("the control channel to the guest failed")]
+    Channel(#[source] FrameError),
+    /// A host-side file or process operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+
+    /// Whether the same request could succeed if simply tried again. Only
+    /// failures of the moment (a busy host, a VM that died on start) are;
+    /// a bad config or missing file is not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::InvalidConfig { .. } | Error::Assets(_) | Error::Protocol(_) => false,
+            Error::StartFailed(_)
+            | Error::BootFailed { .. }
+            | Error::Channel(_)
+            | Error::Io { .. } => true,
+        }
+    }
+}

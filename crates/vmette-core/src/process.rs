@@ -1,0 +1,337 @@
+//! Helper processes (the hypervisor, virtiofsd) and the guarantee that none
+//! outlives its run.
+//!
+//! Three layers, because each covers a hole in the others:
+//!
+//! * [`HelperProcess`] owns a child in its own process group and kills the
+//!   group on drop: normal exits, errors, and unwinding.
+//! * `PR_SET_PDEATHSIG` kills a helper when the thread that spawned it dies,
+//!   which covers `SIGKILL` of vmette for helpers whose credentials do not
+//!   change (entering a user namespace clears it).
+//! * [`Watchdog`] is a small forked process holding the read end of a pipe.
+//!   It learns each helper's process group as it is spawned. When the pipe
+//!   reaches end-of-file without being disarmed — vmette died, whatever the
+//!   signal — it kills those groups and removes the run directory.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+/// Most process groups one watchdog tracks.
+const MAX_GUARDED: usize = 64;
+
+/// Guards one run: kills its helpers and removes its run directory if the
+/// owning process dies without disarming it.
+#[derive(Debug)]
+pub struct Watchdog {
+    pipe: OwnedFd,
+    pid: Pid,
+}
+
+impl Watchdog {
+    /// Forks the watchdog for a run whose private directory is `run_dir`
+    /// (a flat directory: the watchdog removes its entries, then it).
+    pub fn spawn(run_dir: &Path) -> io::Result<Watchdog> {
+        let dir_path = CString::new(run_dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in run dir"))?;
+        let dev_null = c"/dev/null";
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: the child runs only async-signal-safe system calls on
+        // memory prepared before the fork (see `watch`), then `_exit`s; it
+        // never returns into Rust code that could touch locks or the heap.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Child => watch(
+                read_end.as_raw_fd(),
+                write_end.as_raw_fd(),
+                &dir_path,
+                dev_null,
+            ),
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(read_end);
+                Ok(Watchdog {
+                    pipe: write_end,
+                    pid: child,
+                })
+            }
+        }
+    }
+
+    /// Adds the process group led by `pid` to what the watchdog kills.
+    pub fn guard(&self, pid: u32) {
+        self.send(pid as i32);
+    }
+
+    fn send(&self, value: i32) {
+        let bytes = value.to_ne_bytes();
+        // A four-byte write to a pipe is atomic. A failure means the
+        // watchdog is gone, and then there is nothing left to tell it.
+        let _ = nix::unistd::write(&self.pipe, &bytes);
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Zero disarms: the owner released everything itself.
+        self.send(0);
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+    }
+}
+
+/// The watchdog's body, in the forked child.
+fn watch(read_fd: RawFd, write_fd: RawFd, dir: &CString, dev_null: &std::ffi::CStr) -> ! {
+    // SAFETY: only async-signal-safe calls on stack memory and strings
+    // allocated before the fork.
+    unsafe {
+        libc::close(write_fd);
+        libc::setpgid(0, 0);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        let null = libc::open(dev_null.as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+        }
+        let dir_fd = libc::open(dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+        // Close everything else so that no pipe or socket of the parent's
+        // is kept open by the watchdog.
+        let mut keep = [read_fd, dir_fd];
+        keep.sort_unstable();
+        let mut from = 3;
+        for fd in keep {
+            if fd >= from {
+                if fd > from {
+                    libc::syscall(libc::SYS_close_range, from as u32, (fd - 1) as u32, 0);
+                }
+                from = fd + 1;
+            }
+        }
+        libc::syscall(libc::SYS_close_range, from as u32, u32::MAX, 0);
+
+        let mut groups = [0i32; MAX_GUARDED];
+        let mut count = 0;
+        loop {
+            let mut word = [0u8; 4];
+            let n = libc::read(read_fd, word.as_mut_ptr().cast(), 4);
+            if n == 4 {
+                let value = i32::from_ne_bytes(word);
+                if value == 0 {
+                    libc::_exit(0);
+                }
+                if count < MAX_GUARDED {
+                    groups[count] = value;
+                    count += 1;
+                }
+                continue;
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            break;
+        }
+        for &group in &groups[..count] {
+            libc::kill(-group, libc::SIGKILL);
+        }
+        if dir_fd >= 0 {
+            remove_entries(dir_fd);
+            libc::rmdir(dir.as_ptr());
+        }
+        libc::_exit(0)
+    }
+}
+
+/// Unlinks every entry of the directory `dir_fd` with raw `getdents64`.
+///
+/// # Safety
+///
+/// Only for the forked watchdog: `dir_fd` must be an open directory.
+unsafe fn remove_entries(dir_fd: RawFd) {
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: buf is a valid writable buffer of the given length.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir_fd, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            return;
+        }
+        let mut offset = 0usize;
+        while offset < n as usize {
+            // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name
+            let reclen = u16::from_ne_bytes([buf[offset + 16], buf[offset + 17]]) as usize;
+            let name = buf[offset + 19..].as_ptr().cast::<libc::c_char>();
+            let is_dot = buf[offset + 19] == b'.'
+                && (buf[offset + 20] == 0 || (buf[offset + 20] == b'.' && buf[offset + 21] == 0));
+            if !is_dot {
+                // SAFETY: name points at the NUL-terminated d_name inside buf.
+                unsafe {
+                    if libc::unlinkat(dir_fd, name, 0) != 0 {
+                        libc::unlinkat(dir_fd, name, libc::AT_REMOVEDIR);
+                    }
+                }
+            }
+            if reclen == 0 {
+                return;
+            }
+            offset += reclen;
+        }
+    }
+}
+
+/// A helper process in its own process group, killed with its group when
+/// dropped.
+#[derive(Debug)]
+pub struct HelperProcess {
+    name: String,
+    child: Child,
+    exited: bool,
+}
+
+/// Spawns `command` as a helper of the run that `watchdog` guards: in its
+/// own process group (so Ctrl-C on the terminal reaches vmette, which
+/// decides what the guest gets), with `PR_SET_PDEATHSIG`, and registered
+/// with the watchdog before this returns.
+pub fn spawn_helper(
+    name: &str,
+    command: &mut Command,
+    watchdog: &Watchdog,
+) -> io::Result<HelperProcess> {
+    let parent = std::process::id() as i32;
+    command.process_group(0);
+    // SAFETY: prctl, getppid and kill are async-signal-safe and use no
+    // memory of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    watchdog.guard(child.id());
+    Ok(HelperProcess {
+        name: name.to_string(),
+        child,
+        exited: false,
+    })
+}
+
+impl HelperProcess {
+    /// The helper's name, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The helper's pid.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `true` once the helper has exited.
+    pub fn has_exited(&mut self) -> bool {
+        if !self.exited {
+            self.exited = matches!(self.child.try_wait(), Ok(Some(_)) | Err(_));
+        }
+        self.exited
+    }
+
+    /// Waits up to `timeout` for the helper to exit by itself.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.has_exited() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kills the helper's whole process group and reaps the helper.
+    pub fn kill(&mut self) {
+        let group = Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(group, Signal::SIGKILL);
+        if !self.exited {
+            let _ = self.child.wait();
+            self.exited = true;
+        }
+    }
+}
+
+impl Drop for HelperProcess {
+    fn drop(&mut self) {
+        // The group may hold grandchildren even after the leader exited.
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_kills_helpers_and_removes_the_dir_when_its_owner_vanishes() {
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        std::fs::write(dir.join("socket"), b"x").expect("write");
+        let watchdog = Watchdog::spawn(&dir).expect("watchdog");
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("60").process_group(0);
+        let mut child = sleeper.spawn().expect("sleep");
+        watchdog.guard(child.id());
+        // Simulate the owner's death: close the pipe without disarming.
+        let Watchdog { pipe, pid } = watchdog;
+        drop(pipe);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        let status = child.wait().expect("wait");
+        assert!(!status.success());
+        assert!(!dir.exists(), "run dir left behind");
+    }
+
+    #[test]
+    fn a_disarmed_watchdog_leaves_things_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let watchdog = Watchdog::spawn(dir.path()).expect("watchdog");
+        drop(watchdog);
+        assert!(dir.path().exists());
+    }
+
+    #[test]
+    fn dropping_a_helper_kills_its_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let watchdog = Watchdog::spawn(dir.path()).expect("watchdog");
+        let mut command = Command::new("sh");
+        command.args(["-c", "sleep 60 & echo $!; wait"]);
+        command.stdout(std::process::Stdio::piped());
+        let mut helper = spawn_helper("sh", &mut command, &watchdog).expect("spawn");
+        let mut line = String::new();
+        let stdout = helper.child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+        let grandchild: i32 = line.trim().parse().expect("pid");
+        drop(helper);
+        // The grandchild was in the group; give the kernel a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{grandchild}/status")).exists() {
+            let state =
+                std::fs::read_to_string(format!("/proc/{grandchild}/status")).unwrap_or_default();
+            if state.contains("State:\tZ") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "grandchild survived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The QEMU engine for vmette: each VM is one `qemu-system` process on the
+//! `microvm` machine type, plus one `virtiofsd` per directory share.
+//!
+//! * The control channel is a virtio-serial port backed by a unix socket
+//!   QEMU listens on; it lives inside QEMU (no helper process) and does not
+//!   block migration-based snapshots.
+//! * Disks are virtio-blk devices on virtio-mmio, found by the guest by
+//!   serial number.
+//! * Shares are vhost-user-fs devices served by `virtiofsd`, which enforces
+//!   read-only shares itself (`--readonly`), whatever the guest mounts.
+//! * KVM is used only where it really works, decided before QEMU starts
+//!   ([`accel`]); otherwise TCG.
+//!
+//! Everything runs as the invoking user. Without root, `virtiofsd` runs in
+//! a user namespace (via `unshare`) where the user is root.
+
+#![warn(missing_docs)]
+
+pub mod accel;
+mod command_line;
+mod virtiofsd;
+mod vm;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use vmette_core::assets::host_tool;
+use vmette_core::engine::{Check, Engine, EngineError, Vm, VmSpec};
+use vmette_core::process::Watchdog;
+
+/// The QEMU engine.
+#[derive(Debug, Clone, Default)]
+pub struct QemuEngine {
+    _private: (),
+}
+
+impl QemuEngine {
+    /// The engine, using `qemu-system-*` and `virtiofsd` from the host.
+    pub fn new() -> QemuEngine {
+        QemuEngine::default()
+    }
+}
+
+/// The QEMU system emulator for this host's architecture.
+pub fn qemu_program() -> &'static str {
+    if cfg!(target_arch = "aarch64") {
+        "qemu-system-aarch64"
+    } else {
+        "qemu-system-x86_64"
+    }
+}
+
+fn find(program: &str, env_override: &str) -> Option<PathBuf> {
+    std::env::var_os(env_override)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| host_tool::locate(program))
+}
+
+fn version_line(program: &std::path::Path) -> Option<String> {
+    let output = Command::new(program).arg("--version").output().ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
+impl Engine for QemuEngine {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start(&self, spec: &VmSpec, watchdog: &Watchdog) -> Result<Box<dyn Vm>, EngineError> {
+        let vm = vm::QemuVm::start(spec, watchdog)?;
+        Ok(Box::new(vm))
+    }
+
+    fn diagnose(&self) -> Vec<Check> {
+        let mut checks = Vec::new();
+        let setup = Some("run ./setup.sh".to_string());
+        match find(qemu_program(), "VMETTE_QEMU") {
+            Some(path) => checks.push(Check {
+                name: "qemu".into(),
+                detail: format!(
+                    "{} ({})",
+                    version_line(&path).unwrap_or_else(|| "version unknown".into()),
+                    path.display()
+                ),
+                fix: None,
+            }),
+            None => checks.push(Check {
+                name: "qemu".into(),
+                detail: format!("{} not found", qemu_program()),
+                fix: Some("apt-get install qemu-system-x86 (or run ./setup.sh)".into()),
+            }),
+        }
+        let (choice, reason) = accel::choose(vmette_core::Accel::Auto)
+            .map(|c| (c.name(), c.reason().to_string()))
+            .unwrap_or_else(|e| ("none", e.to_string()));
+        checks.push(Check {
+            name: "accelerator".into(),
+            detail: format!("{choice}: {reason}"),
+            fix: None,
+        });
+        match find("virtiofsd", "VMETTE_VIRTIOFSD") {
+            Some(path) => checks.push(Check {
+                name: "virtiofsd".into(),
+                detail: format!(
+                    "{} ({})",
+                    version_line(&path).unwrap_or_else(|| "version unknown".into()),
+                    path.display()
+                ),
+                fix: None,
+            }),
+            None => checks.push(Check {
+                name: "virtiofsd".into(),
+                detail: "not found; --share and directory root file systems need it".into(),
+                fix: Some(
+                    "cargo install virtiofsd --locked --root /usr/local (or run ./setup.sh)".into(),
+                ),
+            }),
+        }
+        if !virtiofsd::is_root() {
+            checks.push(Check {
+                name: "unshare".into(),
+                detail: match host_tool::locate("unshare") {
+                    Some(path) => {
+                        format!("{} (runs virtiofsd in a user namespace)", path.display())
+                    }
+                    None => "not found".into(),
+                },
+                fix: host_tool::locate("unshare")
+                    .is_none()
+                    .then(|| setup.clone().unwrap_or_default()),
+            });
+        }
+        checks
+    }
+}

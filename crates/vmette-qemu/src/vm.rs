@@ -1,0 +1,130 @@
+//! A running QEMU VM and the helpers it owns.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmette_core::engine::{EngineError, Vm, VmSpec};
+use vmette_core::process::{spawn_helper, HelperProcess, Watchdog};
+
+use crate::accel::{self, Choice};
+use crate::command_line::{kernel_cmdline, qemu_args, RunFiles};
+use crate::{find, qemu_program, virtiofsd};
+
+/// How much of the console log an error report shows.
+const CONSOLE_TAIL: u64 = 3000;
+
+/// A QEMU process and its virtiofsd helpers. Fields drop in order: QEMU
+/// first, so the helpers see it disconnect.
+pub struct QemuVm {
+    qemu: HelperProcess,
+    _virtiofsd: Vec<HelperProcess>,
+    files: RunFiles,
+    qemu_log: PathBuf,
+    accel: Choice,
+}
+
+impl QemuVm {
+    pub fn start(spec: &VmSpec, watchdog: &Watchdog) -> Result<QemuVm, EngineError> {
+        let accel = accel::choose(spec.accel)?;
+        let files = RunFiles::in_dir(&spec.run_dir, spec.shares.len());
+        let mut helpers = Vec::new();
+        for (index, (share, socket)) in spec.shares.iter().zip(&files.share_sockets).enumerate() {
+            let log = virtiofsd::log_path(&spec.run_dir, index);
+            helpers.push(virtiofsd::start(share, socket, &log, watchdog)?);
+        }
+
+        let program = find(qemu_program(), "VMETTE_QEMU").ok_or_else(|| EngineError::Spawn {
+            program: qemu_program().into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not installed; run ./setup.sh",
+            ),
+        })?;
+        let cmdline = kernel_cmdline(spec, &accel, accel::host_tsc_khz());
+        let args = qemu_args(spec, &accel, &cmdline, &files);
+        let qemu_log = spec.run_dir.join("qemu.log");
+        let log = File::create(&qemu_log).map_err(|source| EngineError::Io {
+            context: "cannot create the QEMU log".into(),
+            source,
+        })?;
+        let mut command = Command::new(&program);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        tracing::debug!(?program, ?args, "starting QEMU");
+        let qemu =
+            spawn_helper("qemu", &mut command, watchdog).map_err(|source| EngineError::Spawn {
+                program: program.display().to_string(),
+                source,
+            })?;
+        Ok(QemuVm {
+            qemu,
+            _virtiofsd: helpers,
+            files,
+            qemu_log,
+            accel,
+        })
+    }
+
+    fn early_exit(&self) -> EngineError {
+        EngineError::EarlyExit {
+            program: qemu_program().into(),
+            output: std::fs::read_to_string(&self.qemu_log)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    fn connect_control(&mut self, deadline: Instant) -> Result<UnixStream, EngineError> {
+        let started = Instant::now();
+        loop {
+            match UnixStream::connect(&self.files.control) {
+                Ok(stream) => return Ok(stream),
+                Err(e) => tracing::trace!("control socket not ready: {e}"),
+            }
+            if self.qemu.has_exited() {
+                return Err(self.early_exit());
+            }
+            if Instant::now() >= deadline {
+                return Err(EngineError::ControlTimeout(started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn has_exited(&mut self) -> bool {
+        self.qemu.has_exited()
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> bool {
+        self.qemu.wait_timeout(timeout)
+    }
+
+    fn kill(&mut self) {
+        self.qemu.kill();
+    }
+
+    fn console_tail(&self) -> String {
+        let Ok(mut file) = File::open(&self.files.console) else {
+            return String::new();
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)));
+        let mut tail = Vec::new();
+        let _ = file.take(CONSOLE_TAIL).read_to_end(&mut tail);
+        String::from_utf8_lossy(&tail).into_owned()
+    }
+
+    fn accelerator(&self) -> String {
+        format!("{} ({})", self.accel.name(), self.accel.reason())
+    }
+}
