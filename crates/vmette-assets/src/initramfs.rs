@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -79,6 +80,10 @@ pub fn ensure(cache: &Cache, kernel: &Kernel, agent: &Path) -> Result<PathBuf, A
         .map_err(AssetError::io("cannot create the initramfs"))?;
     temp.write_all(&bytes)
         .map_err(AssetError::io("cannot write the initramfs"))?;
+    // Like the kernel and image beside it, readable by anyone who may read
+    // the cache: it holds nothing secret.
+    fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o644))
+        .map_err(AssetError::io("cannot set the initramfs's permissions"))?;
     temp.persist(&path).map_err(|e| AssetError::Io {
         context: format!("cannot store {}", path.display()),
         source: e.error,
@@ -164,7 +169,7 @@ impl Archive {
     }
 
     fn pad(&mut self) {
-        while self.bytes.len() % 4 != 0 {
+        while !self.bytes.len().is_multiple_of(4) {
             self.bytes.push(0);
         }
     }
@@ -197,7 +202,7 @@ mod tests {
         archive.directory("dev");
         archive.file("init", 0o755, b"abc");
         let bytes = archive.finish();
-        assert_eq!(bytes.len() % 4, 0);
+        assert!(bytes.len().is_multiple_of(4));
         assert_eq!(&bytes[..6], b"070701");
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("TRAILER!!!"));

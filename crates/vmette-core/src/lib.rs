@@ -31,3 +31,4 @@ pub use engine::{Check, Engine, EngineError, Vm, VmSpec};
 pub use error::Error;
 pub use run::{OutputStream, RunOutput, RunStatus, Runner};
 pub use vmette_assets as assets;
+pub use vmette_proto::PROTOCOL_VERSION;

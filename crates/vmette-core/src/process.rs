@@ -293,9 +293,11 @@ mod tests {
         let mut child = sleeper.spawn().expect("sleep");
         watchdog.guard(child.id());
         // Simulate the owner's death: close the pipe without disarming.
-        let Watchdog { pipe, pid } = watchdog;
-        drop(pipe);
-        let _ = nix::sys::wait::waitpid(pid, None);
+        let watchdog = std::mem::ManuallyDrop::new(watchdog);
+        // SAFETY: the pipe is read out exactly once and `watchdog` is never
+        // used or dropped afterwards.
+        drop(unsafe { std::ptr::read(&watchdog.pipe) });
+        let _ = nix::sys::wait::waitpid(watchdog.pid, None);
         let status = child.wait().expect("wait");
         assert!(!status.success());
         assert!(!dir.exists(), "run dir left behind");

@@ -344,11 +344,13 @@ impl Session<'_> {
         };
         window.close();
 
-        if matches!(status, RunStatus::TimedOut | RunStatus::Interrupted(_)) {
-            self.vm.kill();
-        } else if sender.send(&HostMessage::PowerOff).is_err()
-            || !self.vm.wait_exit(POWER_OFF_GRACE)
-        {
+        // A finished command gets a clean power-off, so that writes to
+        // writable disks and shares are flushed; anything else is killed.
+        let finished = !matches!(status, RunStatus::TimedOut | RunStatus::Interrupted(_));
+        let powered_off = finished
+            && sender.send(&HostMessage::PowerOff).is_ok()
+            && self.vm.wait_exit(POWER_OFF_GRACE);
+        if !powered_off {
             self.vm.kill();
         }
         Ok(bare(status))

@@ -1,0 +1,154 @@
+//! `vmette run`: flags to a [`vmette::Config`], output streamed to this
+//! process's stdout and stderr, Ctrl-C forwarded to the guest command.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+use anyhow::{bail, Context};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vmette::{Accel, Config, OutputStream, Rootfs, RunStatus, Runner, Stdin};
+
+use crate::args::{AccelArg, RunArgs};
+use crate::progress::Spinner;
+use crate::values;
+
+pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> {
+    let config = config_from(args)?;
+    config.validate()?;
+
+    // Ctrl-C, SIGTERM and SIGHUP go to the guest command first; the run
+    // then tears the VM down and exits 128+N.
+    let (interrupts_tx, interrupts) = mpsc::channel();
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot handle signals")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if interrupts_tx.send(signal).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    let engine = vmette::default_engine();
+    let spinner = Spinner::new(quiet);
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let mut sink = |stream: OutputStream, data: &[u8]| {
+        let result = match stream {
+            OutputStream::Stdout => {
+                let mut out = stdout.lock();
+                out.write_all(data).and_then(|()| out.flush())
+            }
+            OutputStream::Stderr => {
+                let mut err = stderr.lock();
+                err.write_all(data).and_then(|()| err.flush())
+            }
+        };
+        // A reader that went away (`| head -1`) must not fail the run.
+        if result.is_err() {
+            tracing::debug!("host output closed");
+        }
+    };
+    let output = Runner::new(&engine)
+        .progress(&spinner)
+        .interrupts(interrupts)
+        .run_streaming(&config, &mut sink)
+        .map_err(|error| explain(error, verbose))?;
+    drop(spinner);
+
+    match &output.status {
+        RunStatus::TimedOut if !quiet => {
+            eprintln!("vmette: the command timed out; the VM was stopped.")
+        }
+        RunStatus::NotStarted { message, .. } => eprintln!("vmette: {message}"),
+        _ => {}
+    }
+    Ok(ExitCode::from(output.exit_code().clamp(0, 255) as u8))
+}
+
+/// Adds the guest console to boot failures when asked to be verbose.
+fn explain(error: vmette::Error, verbose: u8) -> anyhow::Error {
+    if let vmette::Error::BootFailed { console, .. } = &error {
+        if verbose > 0 && !console.is_empty() {
+            eprintln!("--- guest console (last lines) ---\n{console}\n---");
+        } else {
+            return anyhow::Error::new(error).context("rerun with -v to see the guest console");
+        }
+    }
+    anyhow::Error::new(error)
+}
+
+fn config_from(args: RunArgs) -> anyhow::Result<Config> {
+    let command = match (&args.sh, args.command.is_empty()) {
+        (Some(line), _) => vec!["/bin/sh".to_string(), "-c".to_string(), line.clone()],
+        (None, false) => args.command.clone(),
+        (None, true) => bail!("no command given; put it after --, e.g. vmette run -- uname -a"),
+    };
+    let mut config = Config::new(command);
+    config.env = args
+        .env
+        .iter()
+        .map(|e| values::env_pair(e))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    config.shares = args
+        .share
+        .iter()
+        .map(|s| values::share(s))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    config.disks = args
+        .disk
+        .iter()
+        .map(|d| values::disk(d))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    config.workdir = args.workdir;
+    config.timeout = args
+        .timeout
+        .as_deref()
+        .map(|t| values::duration("--timeout", t))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    config.scratch_mib = args
+        .scratch
+        .as_deref()
+        .map(|s| values::size_mib("--scratch", s))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let memory = values::size_mib("--memory", &args.memory).map_err(anyhow::Error::msg)?;
+    config.memory_mib = u32::try_from(memory).unwrap_or(u32::MAX);
+    config.vcpus = args.vcpus;
+    config.kernel = args.kernel;
+    config.initramfs = args.initramfs;
+    config.cmdline_extra = args.cmdline;
+    config.accel = match args.accel {
+        AccelArg::Auto => Accel::Auto,
+        AccelArg::Kvm => Accel::Hardware,
+        AccelArg::Tcg => Accel::Emulation,
+    };
+    config.rootfs = match args.rootfs {
+        None if args.rootfs_rw => bail!("--rootfs-rw needs --rootfs DIR"),
+        None => Rootfs::Default,
+        Some(path) if path.is_dir() => Rootfs::Directory {
+            path,
+            writable: args.rootfs_rw,
+        },
+        Some(_) if args.rootfs_rw => {
+            bail!("--rootfs-rw works only with a directory rootfs, not an image")
+        }
+        Some(path) => Rootfs::Image(path),
+    };
+    // A terminal is not forwarded: without a PTY in the guest it would only
+    // swallow keystrokes. Pipes and files are.
+    config.stdin = if std::io::stdin().is_terminal() {
+        Stdin::Null
+    } else {
+        Stdin::Inherit
+    };
+    Ok(config)
+}

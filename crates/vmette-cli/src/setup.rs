@@ -1,0 +1,29 @@
+//! `vmette setup`: fetch and build every boot asset now rather than on the
+//! first run. Idempotent: what is already in the cache is kept.
+
+use std::process::ExitCode;
+
+use vmette::assets::{guest_agent, image, initramfs, kernel, Cache};
+
+use crate::args::SetupArgs;
+use crate::progress::Spinner;
+
+pub fn setup(args: &SetupArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let cache = Cache::locate()?;
+    let spinner = Spinner::new(quiet);
+    let kernel = kernel::ensure(&cache, &spinner)?;
+    let agent = guest_agent::locate()?;
+    let initramfs = initramfs::ensure(&cache, &kernel, &agent)?;
+    let image = if args.rebuild_image {
+        image::build_default(&cache, &spinner)?
+    } else {
+        image::ensure_default(&cache, &spinner)?
+    };
+    drop(spinner);
+    if !quiet {
+        println!("kernel     {} ({})", kernel.image.display(), kernel.release);
+        println!("initramfs  {}", initramfs.display());
+        println!("image      {}", image.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
