@@ -33,7 +33,7 @@ packages=(
     libseccomp-dev libcap-ng-dev   # to build virtiofsd
     musl-tools             # static guest agent
     busybox-static         # tiny root file systems in the tests
-    procps time hyperfine ca-certificates
+    procps time hyperfine cpio ca-certificates
 )
 
 missing=()

@@ -1,0 +1,133 @@
+//! vmette needs no root to run (issue 3, point 9). When the suite runs as
+//! root, this test creates an ordinary user, gives it an installed copy of
+//! vmette and of the boot assets set-up made, and runs VMs as that user,
+//! including a read-write share served by virtiofsd in a user namespace.
+//! When the suite already runs as an ordinary user, it runs the same VMs
+//! directly.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+const USER: &str = "vmette-e2e";
+
+fn sh(command: &mut Command) {
+    let status = command.status().expect("run a set-up command");
+    assert!(status.success(), "{command:?} failed");
+}
+
+fn ensure_user() -> u32 {
+    let exists = Command::new("id")
+        .args(["-u", USER])
+        .output()
+        .expect("id")
+        .status
+        .success();
+    if !exists {
+        sh(Command::new("useradd").args(["--create-home", "--shell", "/bin/sh", USER]));
+    }
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    if !subuid.lines().any(|l| l.starts_with(&format!("{USER}:"))) {
+        sh(Command::new("usermod").args([
+            "--add-subuids",
+            "400000-465535",
+            "--add-subgids",
+            "400000-465535",
+            USER,
+        ]));
+    }
+    let output = Command::new("id").args(["-u", USER]).output().expect("id");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("uid")
+}
+
+#[test]
+fn an_ordinary_user_runs_vms_and_shares() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        run_as_current_user();
+        return;
+    }
+    let uid = ensure_user();
+    let base = tempfile::Builder::new()
+        .prefix("vmette-user-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let root = base.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    // An installed layout: bin/vmette finds ../lib/vmette/vmette-guest.
+    let prefix = root.join("prefix");
+    std::fs::create_dir_all(prefix.join("bin")).expect("mkdir");
+    std::fs::create_dir_all(prefix.join("lib/vmette")).expect("mkdir");
+    std::fs::copy(support::vmette_bin(), prefix.join("bin/vmette")).expect("copy vmette");
+    let agent = vmette::assets::guest_agent::locate().expect("guest agent");
+    std::fs::copy(agent, prefix.join("lib/vmette/vmette-guest")).expect("copy agent");
+
+    // The user's own cache, as `vmette setup` would have left it.
+    let cache = vmette::assets::Cache::locate().expect("root's cache");
+    let user_cache = root.join("cache/vmette");
+    std::fs::create_dir_all(&user_cache).expect("mkdir");
+    for part in ["kernel", "images"] {
+        sh(Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(cache.root().join(part))
+            .arg(&user_cache));
+    }
+    let tmp = root.join("tmp");
+    let share = root.join("share");
+    std::fs::create_dir_all(&tmp).expect("mkdir");
+    std::fs::create_dir_all(&share).expect("mkdir");
+    sh(Command::new("chown").args(["-R", USER]).arg(root));
+
+    let as_user = |args: &[&str]| {
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", USER, "--", "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin"])
+            .arg(format!("HOME={}", root.display()))
+            .arg(format!("XDG_CACHE_HOME={}", root.join("cache").display()))
+            .arg(format!("TMPDIR={}", tmp.display()))
+            .arg(prefix.join("bin/vmette"))
+            .args(args);
+        let output = command.output().expect("runuser");
+        assert!(
+            support::processes_referring_to(&tmp).is_empty(),
+            "processes left behind"
+        );
+        output
+    };
+
+    let output = as_user(&["run", "--", "true"]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+
+    let share_arg = format!("{}:/out:rw", share.display());
+    let output = as_user(&[
+        "run", "--share", &share_arg, "--", "sh", "-c", "id -u; echo hi > /out/made",
+    ]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    assert_eq!(support::stdout(&output), "0\n");
+    let made = share.join("made");
+    assert_eq!(std::fs::read_to_string(&made).expect("made"), "hi\n");
+    assert_eq!(
+        std::fs::metadata(&made).expect("metadata").uid(),
+        uid,
+        "the guest's root must map to the user on the host"
+    );
+    assert_eq!(std::fs::read_dir(&tmp).expect("tmp").count(), 0, "run dirs left behind");
+    assert!(Path::new(&made).exists());
+}
+
+fn run_as_current_user() {
+    let sandbox = support::Sandbox::new();
+    let output = sandbox.run(&["run", "--", "true"]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    let files = sandbox.files();
+    let share = format!("{}:/out:rw", files.path().display());
+    let output = sandbox.run(&["run", "--share", &share, "--", "sh", "-c", "echo hi > /out/made"]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    assert!(files.path().join("made").exists());
+}
