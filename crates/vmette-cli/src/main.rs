@@ -62,7 +62,7 @@ fn usage_error(error: &clap::Error) -> ExitCode {
 }
 
 /// The error and its causes as one line.
-fn sentence(error: &anyhow::Error) -> String {
+pub fn sentence(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for (index, cause) in error.chain().enumerate() {
         let part = cause.to_string();
@@ -91,6 +91,7 @@ fn init_logging(quiet: bool, verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
 }

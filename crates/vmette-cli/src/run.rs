@@ -70,13 +70,14 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::from(output.exit_code().clamp(0, 255) as u8))
 }
 
-/// Adds the guest console to boot failures when asked to be verbose.
+/// Shows the guest console of a failed boot with `-v`, or says how to see it.
 fn explain(error: vmette::Error, verbose: u8) -> anyhow::Error {
     if let vmette::Error::BootFailed { console, .. } = &error {
         if verbose > 0 && !console.is_empty() {
             eprintln!("--- guest console (last lines) ---\n{console}\n---");
         } else {
-            return anyhow::Error::new(error).context("rerun with -v to see the guest console");
+            let message = crate::sentence(&anyhow::Error::new(error));
+            return anyhow::anyhow!("{message} (rerun with -v to see the guest console)");
         }
     }
     anyhow::Error::new(error)

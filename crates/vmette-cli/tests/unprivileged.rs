@@ -87,7 +87,14 @@ fn an_ordinary_user_runs_vms_and_shares() {
     let as_user = |args: &[&str]| {
         let mut command = Command::new("runuser");
         command
-            .args(["-u", USER, "--", "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin"])
+            .args([
+                "-u",
+                USER,
+                "--",
+                "env",
+                "-i",
+                "PATH=/usr/local/bin:/usr/bin:/bin",
+            ])
             .arg(format!("HOME={}", root.display()))
             .arg(format!("XDG_CACHE_HOME={}", root.join("cache").display()))
             .arg(format!("TMPDIR={}", tmp.display()))
@@ -106,7 +113,13 @@ fn an_ordinary_user_runs_vms_and_shares() {
 
     let share_arg = format!("{}:/out:rw", share.display());
     let output = as_user(&[
-        "run", "--share", &share_arg, "--", "sh", "-c", "id -u; echo hi > /out/made",
+        "run",
+        "--share",
+        &share_arg,
+        "--",
+        "sh",
+        "-c",
+        "id -u; echo hi > /out/made",
     ]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
     assert_eq!(support::stdout(&output), "0\n");
@@ -117,7 +130,11 @@ fn an_ordinary_user_runs_vms_and_shares() {
         uid,
         "the guest's root must map to the user on the host"
     );
-    assert_eq!(std::fs::read_dir(&tmp).expect("tmp").count(), 0, "run dirs left behind");
+    assert_eq!(
+        std::fs::read_dir(&tmp).expect("tmp").count(),
+        0,
+        "run dirs left behind"
+    );
     assert!(Path::new(&made).exists());
 }
 
@@ -127,7 +144,15 @@ fn run_as_current_user() {
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
     let files = sandbox.files();
     let share = format!("{}:/out:rw", files.path().display());
-    let output = sandbox.run(&["run", "--share", &share, "--", "sh", "-c", "echo hi > /out/made"]);
+    let output = sandbox.run(&[
+        "run",
+        "--share",
+        &share,
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /out/made",
+    ]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
     assert!(files.path().join("made").exists());
 }

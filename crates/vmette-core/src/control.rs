@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -20,6 +20,12 @@ use crate::Error;
 /// broken. The guest agent reads continuously, so only a wedged guest
 /// makes a write wait this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most events waiting for the run loop. When the host falls behind (a
+/// slow terminal), the reader stops reading, the guest's writes stall, and
+/// the guest command blocks on a full pipe: a flood of output from the
+/// guest costs the host at most this many frames of memory.
+pub const EVENT_QUEUE: usize = 64;
 
 /// What the run loop waits for.
 #[derive(Debug)]
@@ -49,7 +55,7 @@ impl ControlSender {
 
 /// Splits a connected control stream into a sender and a reader thread that
 /// feeds `events`.
-pub fn start(stream: UnixStream, events: Sender<Event>) -> Result<ControlSender, Error> {
+pub fn start(stream: UnixStream, events: SyncSender<Event>) -> Result<ControlSender, Error> {
     stream
         .set_write_timeout(Some(WRITE_TIMEOUT))
         .map_err(Error::io("cannot configure the control channel"))?;
@@ -65,7 +71,7 @@ pub fn start(stream: UnixStream, events: Sender<Event>) -> Result<ControlSender,
     })
 }
 
-fn read_loop(mut reader: UnixStream, events: &Sender<Event>) {
+fn read_loop(mut reader: UnixStream, events: &SyncSender<Event>) {
     loop {
         let event = match read_frame::<_, GuestMessage>(&mut reader) {
             Ok(Some(message)) => match message.validate() {

@@ -152,7 +152,7 @@ impl<'a> Runner<'a> {
             Watchdog::spawn(run_dir.path()).map_err(Error::io("cannot start the watchdog"))?;
         let (spec, envelope) = boot::layout(config, &files, run_dir.path())?;
 
-        let (events_tx, events) = mpsc::channel();
+        let (events_tx, events) = mpsc::sync_channel(control::EVENT_QUEUE);
         if let Some(interrupts) = self.interrupts {
             let forward = events_tx.clone();
             let _ = thread::Builder::new()
@@ -209,7 +209,7 @@ impl Session<'_> {
         mut self,
         config: &Config,
         envelope: vmette_proto::BootEnvelope,
-        events_tx: mpsc::Sender<Event>,
+        events_tx: mpsc::SyncSender<Event>,
         boot_deadline: Instant,
         sink: &mut dyn FnMut(OutputStream, &[u8]),
     ) -> Result<RunOutput, Error> {

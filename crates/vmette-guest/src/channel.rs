@@ -2,9 +2,8 @@
 //! [`vmette_proto::CONTROL_PORT_NAME`]. The protocol treats it as a plain
 //! byte stream, so another transport only changes [`Channel::open`].
 //!
-//! One thread owns the writing side and drains an unbounded queue of
-//! messages, so exec threads never block each other on the channel; the
-//! main thread owns the reading side.
+//! One thread owns the writing side and drains a bounded queue of
+//! messages; the main thread owns the reading side.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -14,6 +13,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vmette_proto::{read_frame, write_frame, FrameError, GuestMessage, HostMessage};
+
+/// Messages queued for the writer before senders block. Bounded so that a
+/// host that reads slowly stalls the command (on a full pipe) instead of
+/// filling guest memory.
+const OUTBOX_LEN: usize = 64;
 
 /// How long to wait for the kernel to publish the control port.
 const PORT_WAIT: Duration = Duration::from_secs(10);
@@ -27,7 +31,7 @@ pub struct Channel {
 /// Sends messages to the host. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    queue: mpsc::Sender<Outgoing>,
+    queue: mpsc::SyncSender<Outgoing>,
 }
 
 enum Outgoing {
@@ -56,7 +60,7 @@ impl Channel {
                     ))
                 }
             };
-        let (queue, outgoing) = mpsc::channel();
+        let (queue, outgoing) = mpsc::sync_channel(OUTBOX_LEN);
         thread::Builder::new()
             .name("channel-writer".into())
             .spawn(move || write_loop(writer, outgoing))?;

@@ -121,7 +121,14 @@ impl Vm for QemuVm {
         let _ = file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)));
         let mut tail = Vec::new();
         let _ = file.take(CONSOLE_TAIL).read_to_end(&mut tail);
-        String::from_utf8_lossy(&tail).into_owned()
+        let mut text = String::from_utf8_lossy(&tail).into_owned();
+        // QEMU's own complaints (a kernel it cannot load, a device it
+        // rejects) go to its log, not the guest console.
+        let qemu = std::fs::read_to_string(&self.qemu_log).unwrap_or_default();
+        for line in qemu.lines().filter(|l| !l.trim().is_empty()).take(20) {
+            text.push_str(&format!("\n[qemu] {line}"));
+        }
+        text
     }
 
     fn accelerator(&self) -> String {

@@ -14,8 +14,8 @@ fn config(command: &[&str]) -> Config {
 
 #[test]
 fn capture_keeps_stdout_and_stderr_apart() {
-    let output = vmette::run(&config(&["sh", "-c", "echo out; echo err >&2; exit 3"]))
-        .expect("run");
+    let output =
+        vmette::run(&config(&["sh", "-c", "echo out; echo err >&2; exit 3"])).expect("run");
     assert_eq!(output.status, RunStatus::Exited(3));
     assert_eq!(output.exit_code(), 3);
     assert_eq!(output.stdout, b"out\n");
