@@ -5,13 +5,13 @@
 //!
 //! * [`HelperProcess`] owns a child in its own process group and kills the
 //!   group on drop: normal exits, errors, and unwinding.
-//! * `PR_SET_PDEATHSIG` kills a helper when the thread that spawned it dies,
-//!   which covers `SIGKILL` of vmette for helpers whose credentials do not
-//!   change (entering a user namespace clears it).
+//! * On Linux, `PR_SET_PDEATHSIG` kills a helper when the thread that
+//!   spawned it dies, which covers `SIGKILL` of vmette for helpers whose
+//!   credentials do not change (entering a user namespace clears it).
 //! * [`Watchdog`] is a small forked process holding the read end of a pipe.
 //!   It learns each helper's process group as it is spawned. When the pipe
 //!   reaches end-of-file without being disarmed — vmette died, whatever the
-//!   signal — it kills those groups and removes the run directory.
+//!   signal — it kills those groups and execs `rm -rf` on the run directory.
 
 use std::ffi::CString;
 use std::io;
@@ -37,22 +37,20 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Forks the watchdog for a run whose private directory is `run_dir`
-    /// (a flat directory: the watchdog removes its entries, then it).
+    /// Forks the watchdog for a run whose private directory is `run_dir`.
     pub fn spawn(run_dir: &Path) -> io::Result<Watchdog> {
-        let dir_path = CString::new(run_dir.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in run dir"))?;
-        let dev_null = c"/dev/null";
-        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // SAFETY: the child runs only async-signal-safe system calls on
-        // memory prepared before the fork (see `watch`), then `_exit`s; it
+        let remove = RemoveCommand::new(run_dir)?;
+        let open_files = open_file_limit();
+        let (read_end, write_end) = cloexec_pipe()?;
+        // SAFETY: the child runs only async-signal-safe calls on memory
+        // prepared before the fork (see `watch`), then execs or `_exit`s; it
         // never returns into Rust code that could touch locks or the heap.
         match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Child => watch(
                 read_end.as_raw_fd(),
                 write_end.as_raw_fd(),
-                &dir_path,
-                dev_null,
+                &remove,
+                open_files,
             ),
             nix::unistd::ForkResult::Parent { child } => {
                 drop(read_end);
@@ -85,8 +83,72 @@ impl Drop for Watchdog {
     }
 }
 
+/// `rm -rf DIR`, prepared before the fork so the child only has to exec
+/// it: the one async-signal-safe way to remove a tree. `DIR` is absolute,
+/// so it cannot be taken for an option.
+struct RemoveCommand {
+    program: CString,
+    args: [CString; 3],
+}
+
+impl RemoveCommand {
+    fn new(dir: &Path) -> io::Result<RemoveCommand> {
+        let dir = CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the run dir"))?;
+        Ok(RemoveCommand {
+            program: c"/bin/rm".to_owned(),
+            args: [c"rm".to_owned(), c"-rf".to_owned(), dir],
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let (read_end, write_end) = nix::unistd::pipe()?;
+    fcntl(&read_end, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    fcntl(&write_end, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok((read_end, write_end))
+}
+
+/// The highest file descriptor number worth closing in the watchdog.
+fn open_file_limit() -> i32 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft.min(1 << 16) as i32)
+        .unwrap_or(1024)
+}
+
+/// Closes every descriptor from 3 up except `keep`.
+///
+/// # Safety
+///
+/// Only for the forked watchdog, which owns no descriptor but `keep`.
+unsafe fn close_all_but(keep: RawFd, limit: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = limit;
+        // SAFETY: close_range only closes descriptors.
+        unsafe {
+            if keep > 3 {
+                libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0);
+            }
+            libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    for fd in (3..limit).filter(|&fd| fd != keep) {
+        // SAFETY: closing a descriptor number is harmless if it is not open.
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// The watchdog's body, in the forked child.
-fn watch(read_fd: RawFd, write_fd: RawFd, dir: &CString, dev_null: &std::ffi::CStr) -> ! {
+fn watch(read_fd: RawFd, write_fd: RawFd, remove: &RemoveCommand, open_files: i32) -> ! {
     // SAFETY: only async-signal-safe calls on stack memory and strings
     // allocated before the fork.
     unsafe {
@@ -95,27 +157,14 @@ fn watch(read_fd: RawFd, write_fd: RawFd, dir: &CString, dev_null: &std::ffi::CS
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
-        let null = libc::open(dev_null.as_ptr(), libc::O_RDWR);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
             libc::dup2(null, 0);
             libc::dup2(null, 1);
             libc::dup2(null, 2);
         }
-        let dir_fd = libc::open(dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
-        // Close everything else so that no pipe or socket of the parent's
-        // is kept open by the watchdog.
-        let mut keep = [read_fd, dir_fd];
-        keep.sort_unstable();
-        let mut from = 3;
-        for fd in keep {
-            if fd >= from {
-                if fd > from {
-                    libc::syscall(libc::SYS_close_range, from as u32, (fd - 1) as u32, 0);
-                }
-                from = fd + 1;
-            }
-        }
-        libc::syscall(libc::SYS_close_range, from as u32, u32::MAX, 0);
+        // No pipe or socket of the parent's may be kept open by the watchdog.
+        close_all_but(read_fd, open_files);
 
         let mut groups = [0i32; MAX_GUARDED];
         let mut count = 0;
@@ -133,7 +182,7 @@ fn watch(read_fd: RawFd, write_fd: RawFd, dir: &CString, dev_null: &std::ffi::CS
                 }
                 continue;
             }
-            if n < 0 && *libc::__errno_location() == libc::EINTR {
+            if n < 0 && nix::errno::Errno::last_raw() == libc::EINTR {
                 continue;
             }
             break;
@@ -141,48 +190,37 @@ fn watch(read_fd: RawFd, write_fd: RawFd, dir: &CString, dev_null: &std::ffi::CS
         for &group in &groups[..count] {
             libc::kill(-group, libc::SIGKILL);
         }
-        if dir_fd >= 0 {
-            remove_entries(dir_fd);
-            libc::rmdir(dir.as_ptr());
-        }
-        libc::_exit(0)
+        let argv = [
+            remove.args[0].as_ptr(),
+            remove.args[1].as_ptr(),
+            remove.args[2].as_ptr(),
+            std::ptr::null(),
+        ];
+        libc::execv(remove.program.as_ptr(), argv.as_ptr());
+        libc::_exit(1)
     }
 }
 
-/// Unlinks every entry of the directory `dir_fd` with raw `getdents64`.
-///
-/// # Safety
-///
-/// Only for the forked watchdog: `dir_fd` must be an open directory.
-unsafe fn remove_entries(dir_fd: RawFd) {
-    let mut buf = [0u8; 4096];
-    loop {
-        // SAFETY: buf is a valid writable buffer of the given length.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir_fd, buf.as_mut_ptr(), buf.len()) };
-        if n <= 0 {
-            return;
+/// Asks the kernel to kill this (forked) process when its parent dies.
+#[cfg(target_os = "linux")]
+fn die_with_parent(parent: i32) -> io::Result<()> {
+    // SAFETY: prctl, getppid and kill are async-signal-safe.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(io::Error::last_os_error());
         }
-        let mut offset = 0usize;
-        while offset < n as usize {
-            // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name
-            let reclen = u16::from_ne_bytes([buf[offset + 16], buf[offset + 17]]) as usize;
-            let name = buf[offset + 19..].as_ptr().cast::<libc::c_char>();
-            let is_dot = buf[offset + 19] == b'.'
-                && (buf[offset + 20] == 0 || (buf[offset + 20] == b'.' && buf[offset + 21] == 0));
-            if !is_dot {
-                // SAFETY: name points at the NUL-terminated d_name inside buf.
-                unsafe {
-                    if libc::unlinkat(dir_fd, name, 0) != 0 {
-                        libc::unlinkat(dir_fd, name, libc::AT_REMOVEDIR);
-                    }
-                }
-            }
-            if reclen == 0 {
-                return;
-            }
-            offset += reclen;
+        // The parent may have died before prctl took effect.
+        if libc::getppid() != parent {
+            libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+    Ok(())
+}
+
+/// Elsewhere there is no parent-death signal; the watchdog covers it.
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_parent: i32) -> io::Result<()> {
+    Ok(())
 }
 
 /// A helper process in its own process group, killed with its group when
@@ -205,19 +243,10 @@ pub fn spawn_helper(
 ) -> io::Result<HelperProcess> {
     let parent = std::process::id() as i32;
     command.process_group(0);
-    // SAFETY: prctl, getppid and kill are async-signal-safe and use no
-    // memory of the parent.
+    // SAFETY: die_with_parent only makes async-signal-safe calls and uses
+    // no memory of the parent.
     unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() != parent {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-            Ok(())
-        });
+        command.pre_exec(move || die_with_parent(parent));
     }
     let child = command.spawn()?;
     watchdog.guard(child.id());
