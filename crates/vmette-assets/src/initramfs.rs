@@ -7,6 +7,7 @@
 //! kernel produces a new archive and an unchanged one is reused.
 
 use std::collections::{HashMap, HashSet};
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -18,11 +19,10 @@ use crate::kernel::Kernel;
 use crate::modinfo;
 use crate::{AssetError, Cache};
 
-/// The modules the guest agent loads, dependencies left out: the
-/// virtio-mmio transport, disks, the control port, virtio-fs and the root
-/// file systems.
+/// The modules every guest loads, dependencies left out: disks, the
+/// control port, virtio-fs and the root file systems. Engines add the ones
+/// their devices need (the virtio transport, vsock).
 pub const GUEST_MODULES: &[&str] = &[
-    "virtio_mmio",
     "virtio_blk",
     "virtio_console",
     "virtiofs",
@@ -34,8 +34,15 @@ pub const GUEST_MODULES: &[&str] = &[
 /// Bump when the archive's layout changes, to invalidate cached archives.
 const LAYOUT_VERSION: &str = "vmette-initramfs-1";
 
-/// The cached initramfs for `agent` and `kernel`, built if missing.
-pub fn ensure(cache: &Cache, kernel: &Kernel, agent: &Path) -> Result<PathBuf, AssetError> {
+/// The cached initramfs for `agent` and `kernel` with [`GUEST_MODULES`]
+/// and `extra_modules`, built if missing.
+pub fn ensure(
+    cache: &Cache,
+    kernel: &Kernel,
+    agent: &Path,
+    extra_modules: &[&str],
+) -> Result<PathBuf, AssetError> {
+    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(extra_modules).copied().collect();
     let agent_bytes =
         fs::read(agent).map_err(AssetError::io(format!("cannot read {}", agent.display())))?;
     let modules_dir = kernel.modules.as_deref();
@@ -48,7 +55,7 @@ pub fn ensure(cache: &Cache, kernel: &Kernel, agent: &Path) -> Result<PathBuf, A
             .map(|d| d.as_os_str().as_encoded_bytes())
             .unwrap_or(b"-"),
     );
-    hasher.update(GUEST_MODULES.join(",").as_bytes());
+    hasher.update(wanted.join(",").as_bytes());
     let key = hex::encode(hasher.finalize());
     let dir = cache.dir("initramfs")?;
     let path = dir.join(format!("{}.cpio", &key[..32]));
@@ -57,7 +64,7 @@ pub fn ensure(cache: &Cache, kernel: &Kernel, agent: &Path) -> Result<PathBuf, A
     }
 
     let modules = match modules_dir {
-        Some(tree) => resolve_load_order(tree, GUEST_MODULES)?,
+        Some(tree) => resolve_load_order(tree, &wanted)?,
         None => Vec::new(),
     };
     let mut archive = Archive::default();
@@ -92,11 +99,12 @@ pub fn ensure(cache: &Cache, kernel: &Kernel, agent: &Path) -> Result<PathBuf, A
 }
 
 /// Orders `wanted` and everything they depend on so that each module comes
-/// after its dependencies.
+/// after its dependencies. Modules built into the kernel (listed in its
+/// `modules.builtin`) need no loading and are left out.
 fn resolve_load_order(tree: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, AssetError> {
     let index = modinfo::index(tree);
     let mut order = Vec::new();
-    let mut seen = HashSet::new();
+    let mut seen = modinfo::builtin(tree);
     for name in wanted {
         visit(
             &modinfo::canonical(name),
@@ -212,6 +220,18 @@ mod tests {
         assert_eq!(&header[14..22], "000081ed");
         assert_eq!(&header[54..62], "00000003");
         assert_eq!(&header[94..102], "00000005");
+    }
+
+    #[test]
+    fn builtin_modules_need_no_file() {
+        let tree = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            tree.path().join("modules.builtin"),
+            "kernel/drivers/virtio/virtio-mmio.ko\n",
+        )
+        .expect("write");
+        let order = resolve_load_order(tree.path(), &["virtio_mmio"]).expect("builtin");
+        assert!(order.is_empty());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Reads a kernel module's dependencies from its own `.modinfo` section,
 //! which is what `depmod` itself reads to write `modules.dep`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +71,17 @@ pub fn index(tree: &Path) -> HashMap<String, PathBuf> {
     let mut out = HashMap::new();
     walk(tree, &mut out);
     out
+}
+
+/// Names of the modules built into the kernel, from `modules.builtin`.
+pub fn builtin(tree: &Path) -> HashSet<String> {
+    fs::read_to_string(tree.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.rsplit('/').next())
+        .filter_map(|file| file.strip_suffix(".ko"))
+        .map(canonical)
+        .collect()
 }
 
 #[cfg(test)]

@@ -23,8 +23,13 @@ pub struct BootFiles {
     pub default_image: Option<PathBuf>,
 }
 
-/// Resolves (fetching or building on first use) the files the VM boots.
-pub fn prepare(config: &Config, progress: &dyn Progress) -> Result<BootFiles, Error> {
+/// Resolves (fetching or building on first use) the files the VM boots;
+/// the initramfs carries `engine_modules` too.
+pub fn prepare(
+    config: &Config,
+    engine_modules: &[&str],
+    progress: &dyn Progress,
+) -> Result<BootFiles, Error> {
     let cache = Cache::locate().map_err(Error::Assets)?;
     let kernel = match &config.kernel {
         Some(image) => kernel::for_image(&cache, image),
@@ -35,7 +40,7 @@ pub fn prepare(config: &Config, progress: &dyn Progress) -> Result<BootFiles, Er
         Some(path) => path.clone(),
         None => {
             let agent = guest_agent::locate().map_err(Error::Assets)?;
-            initramfs::ensure(&cache, &kernel, &agent).map_err(Error::Assets)?
+            initramfs::ensure(&cache, &kernel, &agent, engine_modules).map_err(Error::Assets)?
         }
     };
     let default_image = match config.rootfs {

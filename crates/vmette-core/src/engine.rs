@@ -81,6 +81,10 @@ pub trait Engine: Send + Sync {
     /// the run, however the run ends.
     fn start(&self, spec: &VmSpec, watchdog: &Watchdog) -> Result<Box<dyn Vm>, EngineError>;
 
+    /// Kernel modules the guest needs for this engine's devices (the virtio
+    /// transport, vsock) on top of the common set the initramfs always has.
+    fn guest_modules(&self) -> &'static [&'static str];
+
     /// What this engine needs from the host and whether it is there.
     fn diagnose(&self) -> Vec<Check>;
 }

@@ -142,7 +142,7 @@ impl<'a> Runner<'a> {
         let started = Instant::now();
         config.validate()?;
         let deadline = config.timeout.map(|t| started + t);
-        let files = boot::prepare(config, self.progress)?;
+        let files = boot::prepare(config, self.engine.guest_modules(), self.progress)?;
 
         let run_dir = tempfile::Builder::new()
             .prefix("vmette-")

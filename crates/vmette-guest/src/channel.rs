@@ -1,6 +1,9 @@
-//! The control channel: the virtio-serial port named
-//! [`vmette_proto::CONTROL_PORT_NAME`]. The protocol treats it as a plain
-//! byte stream, so another transport only changes [`Channel::open`].
+//! The control channel. The engine names the transport on the kernel
+//! command line: `vmette.control=vsock:PORT` makes the agent listen on that
+//! virtio-socket port and serve the first host connection (what
+//! Virtualization.framework offers); otherwise it opens the virtio-serial
+//! port named [`vmette_proto::CONTROL_PORT_NAME`] (what QEMU offers). The
+//! protocol treats either as a plain byte stream.
 //!
 //! One thread owns the writing side and drains a bounded queue of
 //! messages; the main thread owns the reading side.
@@ -26,6 +29,29 @@ const PORT_WAIT: Duration = Duration::from_secs(10);
 pub struct Channel {
     reader: Box<dyn Read + Send>,
     outbox: Outbox,
+    transport: Transport,
+}
+
+/// Which kind of channel the engine provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// A virtio-serial port: reads see end-of-file while no host is
+    /// connected, which means "wait".
+    Serial,
+    /// A virtio-socket connection: end-of-file means the host is gone.
+    Vsock(u32),
+}
+
+impl Transport {
+    /// Reads the transport from the kernel command line.
+    fn from_cmdline(cmdline: &str) -> Transport {
+        cmdline
+            .split_whitespace()
+            .filter_map(|arg| arg.strip_prefix("vmette.control=vsock:"))
+            .filter_map(|port| port.parse().ok())
+            .next_back()
+            .map_or(Transport::Serial, Transport::Vsock)
+    }
 }
 
 /// Sends messages to the host. Cheap to clone.
@@ -42,24 +68,29 @@ enum Outgoing {
 /// Receives validated messages from the host.
 pub struct Inbox {
     reader: Box<dyn Read + Send>,
+    transport: Transport,
 }
 
 impl Channel {
-    /// Finds and opens the control port and starts the writer thread.
+    /// Opens the control channel the engine provides and starts the writer
+    /// thread.
     pub fn open() -> io::Result<Channel> {
-        let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) =
-            match find_serial_port()? {
-                Some(path) => {
-                    let file = OpenOptions::new().read(true).write(true).open(&path)?;
-                    (Box::new(file.try_clone()?), Box::new(file))
-                }
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let transport = Transport::from_cmdline(&cmdline);
+        let file = match transport {
+            Transport::Serial => match find_serial_port()? {
+                Some(path) => OpenOptions::new().read(true).write(true).open(&path)?,
                 None => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
                         "no virtio-serial port named vmette.ctl appeared",
                     ))
                 }
-            };
+            },
+            Transport::Vsock(port) => accept_vsock(port)?,
+        };
+        let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) =
+            (Box::new(file.try_clone()?), Box::new(file));
         let (queue, outgoing) = mpsc::sync_channel(OUTBOX_LEN);
         thread::Builder::new()
             .name("channel-writer".into())
@@ -67,6 +98,7 @@ impl Channel {
         Ok(Channel {
             reader,
             outbox: Outbox { queue },
+            transport,
         })
     }
 
@@ -77,6 +109,7 @@ impl Channel {
     pub fn inbox(self) -> Inbox {
         Inbox {
             reader: self.reader,
+            transport: self.transport,
         }
     }
 }
@@ -115,8 +148,9 @@ impl Outbox {
 
 impl Inbox {
     /// The next valid message from the host. A virtio-serial port reads as
-    /// end-of-file while no host is connected, so an end of stream between
-    /// frames means "wait", not "gone".
+    /// end-of-file while no host is connected, so there an end of stream
+    /// between frames means "wait"; on a virtio socket it means the host is
+    /// gone, which ends the VM like a power-off request.
     pub fn next(&mut self) -> Result<HostMessage, FrameError> {
         loop {
             match read_frame::<_, HostMessage>(&mut self.reader)? {
@@ -124,10 +158,36 @@ impl Inbox {
                     Ok(()) => return Ok(message),
                     Err(e) => eprintln!("vmette-guest: refusing a host message: {e}"),
                 },
-                None => thread::sleep(Duration::from_millis(10)),
+                None if self.transport == Transport::Serial => {
+                    thread::sleep(Duration::from_millis(10))
+                }
+                None => return Ok(HostMessage::PowerOff),
             }
         }
     }
+}
+
+/// Listens on the virtio-socket `port` and accepts the host's connection.
+fn accept_vsock(port: u32) -> io::Result<File> {
+    use nix::sys::socket::{
+        accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    };
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    let listener = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(
+        listener.as_raw_fd(),
+        &VsockAddr::new(libc::VMADDR_CID_ANY, port),
+    )?;
+    listen(&listener, Backlog::new(1)?)?;
+    let connection = accept(listener.as_raw_fd())?;
+    // SAFETY: accept returned a new descriptor that nothing else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(connection) }))
 }
 
 /// Polls sysfs for the port whose name is the control port's.
@@ -154,5 +214,26 @@ fn find_serial_port() -> io::Result<Option<PathBuf>> {
             return Ok(None);
         }
         thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transport_comes_from_the_kernel_command_line() {
+        assert_eq!(
+            Transport::from_cmdline("console=ttyS0 quiet"),
+            Transport::Serial
+        );
+        assert_eq!(
+            Transport::from_cmdline("console=hvc0 vmette.control=vsock:1025"),
+            Transport::Vsock(1025)
+        );
+        assert_eq!(
+            Transport::from_cmdline("vmette.control=vsock:nope"),
+            Transport::Serial
+        );
     }
 }

@@ -75,6 +75,11 @@ impl Engine for QemuEngine {
         Ok(Box::new(vm))
     }
 
+    fn guest_modules(&self) -> &'static [&'static str] {
+        // microvm puts every virtio device on virtio-mmio.
+        &["virtio_mmio"]
+    }
+
     fn diagnose(&self) -> Vec<Check> {
         let mut checks = Vec::new();
         let setup = Some("run ./setup.sh".to_string());
