@@ -4,10 +4,10 @@
 use std::process::ExitCode;
 
 use vmette::assets::{guest_agent, image, kernel, Cache};
-use vmette::{Check, Engine};
+use vmette::Check;
 
 pub fn doctor(json: bool) -> anyhow::Result<ExitCode> {
-    let engine = vmette::default_engine();
+    let engine = vmette::default_engine()?;
     let mut checks = vec![Check {
         name: "engine".into(),
         detail: engine.name().into(),

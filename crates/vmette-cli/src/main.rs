@@ -98,7 +98,8 @@ fn init_logging(quiet: bool, verbose: u8) {
 
 fn version(json: bool) -> anyhow::Result<ExitCode> {
     let version = env!("CARGO_PKG_VERSION");
-    let engine = vmette::Engine::name(&vmette::default_engine());
+    let engine = vmette::default_engine()?;
+    let engine = engine.name();
     let protocol = vmette::PROTOCOL_VERSION;
     if json {
         let value = serde_json::json!({

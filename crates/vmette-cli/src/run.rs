@@ -33,7 +33,7 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
         })
         .context("cannot start the signal thread")?;
 
-    let engine = vmette::default_engine();
+    let engine = vmette::default_engine()?;
     let spinner = Spinner::new(quiet);
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
@@ -53,7 +53,7 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
             tracing::debug!("host output closed");
         }
     };
-    let output = Runner::new(&engine)
+    let output = Runner::new(&*engine)
         .progress(&spinner)
         .interrupts(interrupts)
         .run_streaming(&config, &mut sink)

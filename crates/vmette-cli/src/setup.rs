@@ -13,13 +13,8 @@ pub fn setup(args: &SetupArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let spinner = Spinner::new(quiet);
     let kernel = kernel::ensure(&cache, &spinner)?;
     let agent = guest_agent::locate()?;
-    let engine = vmette::default_engine();
-    let initramfs = initramfs::ensure(
-        &cache,
-        &kernel,
-        &agent,
-        vmette::Engine::guest_modules(&engine),
-    )?;
+    let engine = vmette::default_engine()?;
+    let initramfs = initramfs::ensure(&cache, &kernel, &agent, engine.guest_modules())?;
     let image = if args.rebuild_image {
         image::build_default(&cache, &spinner)?
     } else {

@@ -16,10 +16,14 @@ const ROOT_SERIAL: &str = "vmette-root";
 const SCRATCH_SERIAL: &str = "vmette-scratch";
 const ROOT_TAG: &str = "vmette-root";
 
-/// Kernel and initramfs paths for a config.
+/// The files a VM boots from, resolved for one config.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
+    /// Kernel image.
     pub kernel: PathBuf,
+    /// Initramfs with the guest agent.
     pub initramfs: PathBuf,
+    /// The default root image, when the config uses it.
     pub default_image: Option<PathBuf>,
 }
 
@@ -54,8 +58,12 @@ pub fn prepare(
     })
 }
 
-/// Builds the machine spec and the boot envelope. Creates the scratch disk
-/// in `run_dir` when the config asks for one.
+/// Builds the machine spec and the boot envelope for a validated config.
+/// Creates the scratch disk in `run_dir` when the config asks for one.
+///
+/// Refuses a writable share or root directory that contains the kernel,
+/// the initramfs or a read-only image: a guest must not be able to change
+/// what it, or the next VM, boots from.
 pub fn layout(
     config: &Config,
     files: &BootFiles,
@@ -138,6 +146,16 @@ pub fn layout(
         disk_serials.push(serial);
     }
 
+    let boot_files = [files.kernel.as_path(), files.initramfs.as_path()]
+        .into_iter()
+        .chain(
+            disks
+                .iter()
+                .filter(|d| d.read_only)
+                .map(|d| d.path.as_path()),
+        );
+    guard_boot_files(&shares, boot_files)?;
+
     let spec = VmSpec {
         kernel: files.kernel.clone(),
         initramfs: files.initramfs.clone(),
@@ -157,6 +175,29 @@ pub fn layout(
         hostname: "vmette".into(),
     };
     Ok((spec, envelope))
+}
+
+fn guard_boot_files<'a>(
+    shares: &[ShareSpec],
+    files: impl Iterator<Item = &'a Path>,
+) -> Result<(), Error> {
+    let files: Vec<PathBuf> = files.filter_map(|file| file.canonicalize().ok()).collect();
+    for share in shares.iter().filter(|s| !s.read_only) {
+        let Ok(dir) = share.path.canonicalize() else {
+            continue;
+        };
+        if let Some(file) = files.iter().find(|file| file.starts_with(&dir)) {
+            return Err(Error::InvalidConfig {
+                field: "share",
+                reason: format!(
+                    "{} would let the guest write {}, which VMs boot from; share it read-only or share a narrower directory",
+                    share.path.display(),
+                    file.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Names the file system in an image by its magic number.
@@ -226,6 +267,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_writable_share_over_the_boot_files_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("images/root.img");
+        std::fs::create_dir_all(image.parent().expect("parent")).expect("mkdir");
+        let mut bytes = vec![0u8; 4096];
+        bytes[1024..1028].copy_from_slice(&0xE0F5_E1E2u32.to_le_bytes());
+        std::fs::write(&image, bytes).expect("write");
+        let files = BootFiles {
+            kernel: image.clone(),
+            initramfs: image.clone(),
+            default_image: Some(image.clone()),
+        };
+        let mut config = Config::new(["true"]);
+        config.shares = vec![crate::Share {
+            host_path: dir.path().into(),
+            guest_path: "/data".into(),
+            writable: true,
+        }];
+        let error = layout(&config, &files, dir.path()).expect_err("refused");
+        assert!(
+            matches!(error, Error::InvalidConfig { field: "share", .. }),
+            "{error:?}"
+        );
+        config.shares[0].writable = false;
+        assert!(layout(&config, &files, dir.path()).is_ok());
+    }
+
+    #[test]
     fn recognises_the_three_root_file_systems() {
         let mut erofs = vec![0u8; 2048];
         erofs[1024..1028].copy_from_slice(&0xE0F5_E1E2u32.to_le_bytes());
@@ -247,8 +316,10 @@ mod tests {
         std::fs::write(&image, bytes).expect("write");
         let mut config = Config::new(["true"]);
         config.rootfs = Rootfs::Image(image.clone());
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
         config.shares = vec![crate::Share {
-            host_path: dir.path().into(),
+            host_path: data,
             guest_path: "/data".into(),
             writable: true,
         }];

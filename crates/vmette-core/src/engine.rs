@@ -115,6 +115,16 @@ pub trait Vm: Send {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
+    /// The machine asked for is outside what this engine can build (too
+    /// little memory for the hypervisor, a tag it cannot carry). Reported to
+    /// callers as [`crate::Error::InvalidConfig`].
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig {
+        /// Which setting.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A helper program could not be started.
     #[error("could not start {program}")]
     Spawn {

@@ -70,3 +70,15 @@ impl Error {
         }
     }
 }
+
+impl From<EngineError> for Error {
+    /// An engine's [`EngineError::InvalidConfig`] is the caller's mistake
+    /// and is reported as [`Error::InvalidConfig`]; every other engine error
+    /// means the VM could not start.
+    fn from(error: EngineError) -> Error {
+        match error {
+            EngineError::InvalidConfig { field, reason } => Error::InvalidConfig { field, reason },
+            other => Error::StartFailed(other),
+        }
+    }
+}

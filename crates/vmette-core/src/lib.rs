@@ -15,7 +15,7 @@
 
 #![warn(missing_docs)]
 
-mod boot;
+pub mod boot;
 mod config;
 mod control;
 pub mod engine;

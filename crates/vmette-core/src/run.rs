@@ -166,10 +166,7 @@ impl<'a> Runner<'a> {
                 });
         }
 
-        let mut vm = self
-            .engine
-            .start(&spec, &watchdog)
-            .map_err(Error::StartFailed)?;
+        let mut vm = self.engine.start(&spec, &watchdog).map_err(Error::from)?;
         tracing::info!(accelerator = %vm.accelerator(), "VM started");
 
         let boot_deadline =

@@ -14,7 +14,9 @@
 //! ```
 //!
 //! boots a microVM, runs `uname -r` in it, and returns the captured output.
-//! On Linux the engine is QEMU (`vmette-qemu`).
+//! On Linux the engine is QEMU (`vmette-qemu`), on macOS
+//! Virtualization.framework (`vmette-vz`); `VMETTE_ENGINE` picks another
+//! engine built into the binary.
 //!
 //! For output as it happens, use [`run_streaming`]; for progress reports and
 //! interrupt forwarding, build a [`Runner`] on [`default_engine`].
@@ -23,16 +25,46 @@
 
 pub use vmette_core::*;
 
-/// The engine for this platform.
-#[cfg(target_os = "linux")]
-pub fn default_engine() -> vmette_qemu::QemuEngine {
-    vmette_qemu::QemuEngine::new()
+/// Environment variable that picks the engine by name (`qemu`, `vz`).
+pub const ENGINE_ENV: &str = "VMETTE_ENGINE";
+
+/// Names of the engines built into this binary, the platform's default first.
+pub fn engine_names() -> &'static [&'static str] {
+    #[cfg(target_os = "linux")]
+    return &["qemu"];
+    #[cfg(target_os = "macos")]
+    return &["vz"];
+}
+
+/// The engine called `name`.
+pub fn engine_named(name: &str) -> Result<Box<dyn Engine>, Error> {
+    match name {
+        #[cfg(target_os = "linux")]
+        "qemu" => Ok(Box::new(vmette_qemu::QemuEngine::new())),
+        #[cfg(target_os = "macos")]
+        "vz" => Ok(Box::new(vmette_vz::VzEngine::new())),
+        _ => Err(Error::InvalidConfig {
+            field: "engine",
+            reason: format!(
+                "{name:?} is not an engine of this build (available: {})",
+                engine_names().join(", ")
+            ),
+        }),
+    }
+}
+
+/// The engine [`ENGINE_ENV`] names, or the platform's default.
+pub fn default_engine() -> Result<Box<dyn Engine>, Error> {
+    match std::env::var(ENGINE_ENV) {
+        Ok(name) if !name.is_empty() => engine_named(&name),
+        _ => engine_named(engine_names()[0]),
+    }
 }
 
 /// Runs `config` in a fresh microVM and captures stdout and stderr
 /// separately, each up to `config.capture_limit` bytes.
 pub fn run(config: &Config) -> Result<RunOutput, Error> {
-    Runner::new(&default_engine()).run(config)
+    Runner::new(&*default_engine()?).run(config)
 }
 
 /// Runs `config`, handing output to `sink` as it is produced.
@@ -40,5 +72,5 @@ pub fn run_streaming(
     config: &Config,
     sink: &mut dyn FnMut(OutputStream, &[u8]),
 ) -> Result<RunOutput, Error> {
-    Runner::new(&default_engine()).run_streaming(config, sink)
+    Runner::new(&*default_engine()?).run_streaming(config, sink)
 }

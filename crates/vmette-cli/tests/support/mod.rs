@@ -18,6 +18,18 @@ pub fn vmette_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmette"))
 }
 
+/// The engine the `vmette` binary runs VMs on (`VMETTE_ENGINE` or the
+/// platform's default), so that engine-specific checks can be chosen.
+pub fn engine_name() -> String {
+    let output = Command::new(vmette_bin())
+        .args(["version", "--json"])
+        .output()
+        .expect("vmette version");
+    let value: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("version --json prints JSON");
+    value["engine"].as_str().expect("engine name").to_string()
+}
+
 pub struct Sandbox {
     pub tmp: tempfile::TempDir,
 }

@@ -1,0 +1,122 @@
+//! A [`VZVirtualMachineConfiguration`] built from a [`DevicePlan`].
+
+use std::path::Path;
+
+use objc2::rc::Retained;
+use objc2::{AllocAnyThread, ClassType};
+use objc2_foundation::{NSArray, NSError, NSString, NSURL};
+use objc2_virtualization::{
+    VZDirectorySharingDeviceConfiguration, VZDiskImageStorageDeviceAttachment,
+    VZEntropyDeviceConfiguration, VZFileSerialPortAttachment, VZLinuxBootLoader,
+    VZMemoryBalloonDeviceConfiguration, VZSerialPortConfiguration, VZSharedDirectory,
+    VZSingleDirectoryShare, VZSocketDeviceConfiguration, VZStorageDeviceConfiguration,
+    VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration,
+    VZVirtioEntropyDeviceConfiguration, VZVirtioFileSystemDeviceConfiguration,
+    VZVirtioSocketDeviceConfiguration, VZVirtioTraditionalMemoryBalloonDeviceConfiguration,
+    VZVirtualMachineConfiguration,
+};
+use vmette_core::engine::EngineError;
+
+use crate::plan::DevicePlan;
+
+fn url(path: &Path) -> Retained<NSURL> {
+    NSURL::fileURLWithPath(&NSString::from_str(&path.to_string_lossy()))
+}
+
+/// The framework's description of an error, as one line.
+pub(crate) fn describe(error: &NSError) -> String {
+    error.localizedDescription().to_string()
+}
+
+fn framework_error(what: &str, error: &NSError) -> EngineError {
+    EngineError::Unsupported(format!("{what}: {}", describe(error)))
+}
+
+/// Builds and validates the configuration for `plan`.
+pub fn build(plan: &DevicePlan) -> Result<Retained<VZVirtualMachineConfiguration>, EngineError> {
+    // SAFETY: every object is created and configured on this thread before
+    // any VM exists; configuration objects have no queue affinity, and every
+    // argument is a live object of the type the framework expects.
+    unsafe {
+        let configuration = VZVirtualMachineConfiguration::new();
+
+        let boot_loader =
+            VZLinuxBootLoader::initWithKernelURL(VZLinuxBootLoader::alloc(), &url(&plan.kernel));
+        boot_loader.setInitialRamdiskURL(Some(&url(&plan.initramfs)));
+        boot_loader.setCommandLine(&NSString::from_str(&plan.cmdline));
+        configuration.setBootLoader(Some(boot_loader.as_super()));
+        configuration.setCPUCount(plan.cpus);
+        configuration.setMemorySize(plan.memory_bytes);
+
+        let mut storage: Vec<Retained<VZStorageDeviceConfiguration>> = Vec::new();
+        for disk in &plan.disks {
+            let attachment = VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
+                VZDiskImageStorageDeviceAttachment::alloc(),
+                &url(&disk.path),
+                disk.read_only,
+            )
+            .map_err(|e| framework_error(&format!("cannot attach {}", disk.path.display()), &e))?;
+            let device = VZVirtioBlockDeviceConfiguration::initWithAttachment(
+                VZVirtioBlockDeviceConfiguration::alloc(),
+                attachment.as_super(),
+            );
+            device.setBlockDeviceIdentifier(&NSString::from_str(&disk.identifier));
+            storage.push(Retained::into_super(device));
+        }
+        configuration.setStorageDevices(&NSArray::from_retained_slice(&storage));
+
+        let mut shares: Vec<Retained<VZDirectorySharingDeviceConfiguration>> = Vec::new();
+        for share in &plan.shares {
+            let directory = VZSharedDirectory::initWithURL_readOnly(
+                VZSharedDirectory::alloc(),
+                &url(&share.path),
+                share.read_only,
+            );
+            let single = VZSingleDirectoryShare::initWithDirectory(
+                VZSingleDirectoryShare::alloc(),
+                &directory,
+            );
+            let device = VZVirtioFileSystemDeviceConfiguration::initWithTag(
+                VZVirtioFileSystemDeviceConfiguration::alloc(),
+                &NSString::from_str(&share.tag),
+            );
+            device.setShare(Some(single.as_super()));
+            shares.push(Retained::into_super(device));
+        }
+        configuration.setDirectorySharingDevices(&NSArray::from_retained_slice(&shares));
+
+        let log = VZFileSerialPortAttachment::initWithURL_append_error(
+            VZFileSerialPortAttachment::alloc(),
+            &url(&plan.console_log),
+            false,
+        )
+        .map_err(|e| framework_error("cannot open the console log", &e))?;
+        let console = VZVirtioConsoleDeviceSerialPortConfiguration::new();
+        console.setAttachment(Some(log.as_super()));
+        let consoles: [Retained<VZSerialPortConfiguration>; 1] = [Retained::into_super(console)];
+        configuration.setSerialPorts(&NSArray::from_retained_slice(&consoles));
+
+        if plan.entropy {
+            let entropy: [Retained<VZEntropyDeviceConfiguration>; 1] = [Retained::into_super(
+                VZVirtioEntropyDeviceConfiguration::new(),
+            )];
+            configuration.setEntropyDevices(&NSArray::from_retained_slice(&entropy));
+        }
+        if plan.memory_balloon {
+            let balloon: [Retained<VZMemoryBalloonDeviceConfiguration>; 1] =
+                [Retained::into_super(
+                    VZVirtioTraditionalMemoryBalloonDeviceConfiguration::new(),
+                )];
+            configuration.setMemoryBalloonDevices(&NSArray::from_retained_slice(&balloon));
+        }
+        let sockets: [Retained<VZSocketDeviceConfiguration>; 1] = [Retained::into_super(
+            VZVirtioSocketDeviceConfiguration::new(),
+        )];
+        configuration.setSocketDevices(&NSArray::from_retained_slice(&sockets));
+
+        configuration
+            .validateWithError()
+            .map_err(|e| framework_error("the VM configuration is not valid", &e))?;
+        Ok(configuration)
+    }
+}

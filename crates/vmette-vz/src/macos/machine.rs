@@ -1,0 +1,294 @@
+//! A running Virtualization.framework VM.
+//!
+//! The framework's rule: a `VZVirtualMachine` is used only on the dispatch
+//! queue it was created with. The VM gets a private serial queue; every
+//! call to it is submitted there with `exec_sync`, and completion handlers,
+//! which the framework also runs there, only record their result in a
+//! [`Completion`] that the calling thread waits on outside the queue, so
+//! the queue is never blocked waiting for itself.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use block2::RcBlock;
+use dispatch2::{DispatchQueue, DispatchQueueAttr, DispatchRetained};
+use objc2::rc::Retained;
+use objc2::AllocAnyThread;
+use objc2_foundation::NSError;
+use objc2_virtualization::{
+    VZVirtioSocketConnection, VZVirtioSocketDevice, VZVirtualMachine,
+    VZVirtualMachineConfiguration, VZVirtualMachineState,
+};
+use vmette_core::engine::{EngineError, Vm};
+
+use super::configuration::describe;
+use crate::plan::DevicePlan;
+
+/// How long the framework gets to start the VM.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a requested (clean) stop may take before the VM is forced off.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// How much of the console log an error report shows.
+const CONSOLE_TAIL: u64 = 3000;
+
+/// A value set once from a completion handler and awaited elsewhere.
+struct Completion<T> {
+    value: Mutex<Option<T>>,
+    ready: Condvar,
+}
+
+impl<T> Completion<T> {
+    fn new() -> Arc<Completion<T>> {
+        Arc::new(Completion {
+            value: Mutex::new(None),
+            ready: Condvar::new(),
+        })
+    }
+
+    fn set(&self, value: T) {
+        *self.value.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
+        self.ready.notify_all();
+    }
+
+    fn wait(&self, timeout: Duration) -> Option<T> {
+        let guard = self.value.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut guard, _) = self
+            .ready
+            .wait_timeout_while(guard, timeout, |value| value.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        guard.take()
+    }
+}
+
+/// The VM object, confined to its queue.
+struct QueueBound(Retained<VZVirtualMachine>);
+
+// SAFETY: the VM is only ever touched inside closures submitted to its own
+// serial queue (`VzVm::on_queue`), which is what the framework requires;
+// moving the handle between threads does not touch the object.
+unsafe impl Send for QueueBound {}
+// SAFETY: as above: shared references are only dereferenced on the queue.
+unsafe impl Sync for QueueBound {}
+
+/// A running VM.
+pub struct VzVm {
+    queue: DispatchRetained<DispatchQueue>,
+    machine: QueueBound,
+    console_log: PathBuf,
+    control_port: u32,
+}
+
+/// The message of an `NSError*` a completion handler received, if any.
+fn error_message(error: *mut NSError) -> Option<String> {
+    // SAFETY: the framework passes either null or a valid NSError that
+    // lives for the duration of the handler.
+    unsafe { error.as_ref() }.map(describe)
+}
+
+impl VzVm {
+    /// Creates the VM on a fresh serial queue and starts it.
+    pub fn start(
+        configuration: &VZVirtualMachineConfiguration,
+        plan: &DevicePlan,
+    ) -> Result<VzVm, EngineError> {
+        let queue = DispatchQueue::new("dev.vmette.vm", DispatchQueueAttr::SERIAL);
+        // SAFETY: the VM is created bound to `queue` and used only there.
+        let machine = unsafe {
+            VZVirtualMachine::initWithConfiguration_queue(
+                VZVirtualMachine::alloc(),
+                configuration,
+                &queue,
+            )
+        };
+        let vm = VzVm {
+            queue,
+            machine: QueueBound(machine),
+            console_log: plan.console_log.clone(),
+            control_port: plan.control_port,
+        };
+        let started = Completion::new();
+        let done = Arc::clone(&started);
+        vm.on_queue(move |machine| {
+            let handler = RcBlock::new(move |error: *mut NSError| done.set(error_message(error)));
+            // SAFETY: called on the VM's queue with a handler that only
+            // records the outcome.
+            unsafe { machine.startWithCompletionHandler(&handler) };
+        });
+        match started.wait(START_TIMEOUT) {
+            Some(None) => Ok(vm),
+            Some(Some(message)) => Err(EngineError::EarlyExit {
+                program: "Virtualization.framework".into(),
+                output: message,
+            }),
+            None => Err(EngineError::EarlyExit {
+                program: "Virtualization.framework".into(),
+                output: format!("the VM did not start within {START_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// Runs `work` on the VM's queue and returns its result.
+    fn on_queue<R: Send>(&self, work: impl FnOnce(&VZVirtualMachine) -> R + Send) -> R {
+        let mut result = None;
+        let machine = &self.machine;
+        let slot = &mut result;
+        self.queue.exec_sync(move || *slot = Some(work(&machine.0)));
+        match result {
+            Some(value) => value,
+            // exec_sync runs the closure before returning.
+            None => unreachable!("exec_sync returned without running its work"),
+        }
+    }
+
+    fn state(&self) -> VZVirtualMachineState {
+        // SAFETY: read on the VM's queue.
+        self.on_queue(|machine| unsafe { machine.state() })
+    }
+
+    /// One attempt to connect to the guest agent's port.
+    fn try_connect(&self) -> Result<OwnedFd, String> {
+        let connected = Completion::new();
+        let done = Arc::clone(&connected);
+        let port = self.control_port;
+        self.on_queue(move |machine| {
+            // SAFETY: the socket devices are read on the VM's queue.
+            let device = unsafe { machine.socketDevices() }
+                .firstObject()
+                .and_then(|device| device.downcast::<VZVirtioSocketDevice>().ok());
+            let Some(device) = device else {
+                done.set(Err("the VM has no virtio socket device".to_string()));
+                return;
+            };
+            let handler = RcBlock::new(
+                move |connection: *mut VZVirtioSocketConnection, error: *mut NSError| {
+                    // SAFETY: the framework passes a valid connection or
+                    // null, live for the duration of the handler.
+                    let outcome = match unsafe { connection.as_ref() } {
+                        Some(connection) => {
+                            // The connection closes its descriptor when it is
+                            // released; keep a duplicate of our own.
+                            // SAFETY: fileDescriptor is an open socket.
+                            let fd = unsafe { libc::dup(connection.fileDescriptor()) };
+                            if fd < 0 {
+                                Err(std::io::Error::last_os_error().to_string())
+                            } else {
+                                // SAFETY: dup returned a new descriptor we own.
+                                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+                            }
+                        }
+                        None => Err(error_message(error).unwrap_or_default()),
+                    };
+                    done.set(outcome);
+                },
+            );
+            // SAFETY: called on the VM's queue with a handler that only
+            // records the outcome.
+            unsafe { device.connectToPort_completionHandler(port, &handler) };
+        });
+        connected
+            .wait(Duration::from_secs(5))
+            .unwrap_or_else(|| Err("no answer from the framework".into()))
+    }
+
+    /// Asks the guest to stop, then forces the VM off after a grace period.
+    fn stop(&mut self, grace: Duration) {
+        if self.has_exited() {
+            return;
+        }
+        // SAFETY: called on the VM's queue.
+        let requested = self.on_queue(|machine| unsafe { machine.requestStopWithError() }.is_ok());
+        if requested && self.wait_exit(grace) {
+            return;
+        }
+        let stopped = Completion::new();
+        let done = Arc::clone(&stopped);
+        self.on_queue(move |machine| {
+            // SAFETY: called on the VM's queue.
+            if unsafe { machine.canStop() } {
+                let handler =
+                    RcBlock::new(move |error: *mut NSError| done.set(error_message(error)));
+                // SAFETY: called on the VM's queue with a recording handler.
+                unsafe { machine.stopWithCompletionHandler(&handler) };
+            } else {
+                done.set(None);
+            }
+        });
+        if let Some(Some(message)) = stopped.wait(STOP_GRACE) {
+            tracing::warn!("the VM did not stop cleanly: {message}");
+        }
+    }
+}
+
+impl Vm for VzVm {
+    fn connect_control(&mut self, deadline: Instant) -> Result<UnixStream, EngineError> {
+        let started = Instant::now();
+        loop {
+            // The guest agent listens only once its modules are loaded;
+            // until then the framework refuses the connection.
+            match self.try_connect() {
+                Ok(fd) => return Ok(UnixStream::from(fd)),
+                Err(reason) => tracing::trace!("control port not ready: {reason}"),
+            }
+            if self.has_exited() {
+                return Err(EngineError::EarlyExit {
+                    program: "the guest".into(),
+                    output: self.console_tail(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(EngineError::ControlTimeout(started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn has_exited(&mut self) -> bool {
+        matches!(
+            self.state(),
+            VZVirtualMachineState::Stopped | VZVirtualMachineState::Error
+        )
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.has_exited() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn kill(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+
+    fn console_tail(&self) -> String {
+        let Ok(mut file) = File::open(&self.console_log) else {
+            return String::new();
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)));
+        let mut tail = Vec::new();
+        let _ = file.take(CONSOLE_TAIL).read_to_end(&mut tail);
+        String::from_utf8_lossy(&tail).into_owned()
+    }
+
+    fn accelerator(&self) -> String {
+        "Virtualization.framework (hardware)".into()
+    }
+}
+
+impl Drop for VzVm {
+    fn drop(&mut self) {
+        self.stop(STOP_GRACE);
+    }
+}
