@@ -10,6 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+if [ "$(uname -s)" = Darwin ]; then
+    exec scripts/setup-macos.sh "$@"
+fi
+
 say() { printf '==> %s\n' "$*" >&2; }
 
 if [ "$(id -u)" -eq 0 ]; then
