@@ -7,6 +7,12 @@
 #      (`vmette setup`), then runs `vmette run -- uname -a`.
 # Every step skips what is already done. Root (or sudo) is needed only for
 # step 1 and for installing into /usr/local; everything else runs as you.
+#
+#   ./setup.sh [--no-sample] [--with-test-tools]
+#     --no-sample        skip the sample run
+#     --with-test-tools  also install what only the tests need: QEMU for
+#                        arm64 and vhost-device-vsock (for the test of the
+#                        macOS engine's guest side)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -27,6 +33,16 @@ else
     prefix="$HOME/.local"
 fi
 
+sample=yes
+test_tools=no
+for arg in "$@"; do
+    case "$arg" in
+        --no-sample) sample=no ;;
+        --with-test-tools) test_tools=yes ;;
+        *) echo "setup.sh: unknown option $arg (see the comment at the top)" >&2; exit 125 ;;
+    esac
+done
+
 packages=(
     qemu-system-x86        # the hypervisor (from bookworm-backports, see below)
     erofs-utils            # mkfs.erofs: the default image
@@ -39,6 +55,10 @@ packages=(
     busybox-static         # tiny root file systems in the tests
     procps time hyperfine cpio ca-certificates
 )
+
+if [ "$test_tools" = yes ]; then
+    packages+=(qemu-system-arm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -79,7 +99,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     if apt-cache policy qemu-system-x86 | grep -q 'bookworm-backports'; then
         qemu_from=(-t bookworm-backports)
     fi
-    as_root apt-get install -y -qq --no-install-recommends "${qemu_from[@]}" qemu-system-x86 >/dev/null
+    qemu_packages=(qemu-system-x86)
+    [ "$test_tools" = yes ] && qemu_packages+=(qemu-system-arm)
+    as_root apt-get install -y -qq --no-install-recommends "${qemu_from[@]}" "${qemu_packages[@]}" >/dev/null
     as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
@@ -92,6 +114,11 @@ fi
 if [ ! -x "$prefix/bin/virtiofsd" ]; then
     say "installing virtiofsd 1.14.0 into $prefix (about a minute)"
     cargo install virtiofsd --version 1.14.0 --locked --root "$prefix" --quiet
+fi
+
+if [ "$test_tools" = yes ] && [ ! -x "$prefix/bin/vhost-device-vsock" ]; then
+    say "installing vhost-device-vsock 0.3.0 into $prefix (about a minute)"
+    cargo install vhost-device-vsock --version 0.3.0 --locked --root "$prefix" --quiet
 fi
 
 say "building vmette"
@@ -109,7 +136,7 @@ esac
 say "fetching the kernel and building the initramfs and default image"
 "$prefix/bin/vmette" setup
 
-if [ "${1:-}" != "--no-sample" ]; then
+if [ "$sample" = yes ]; then
     say "sample run: vmette run -- uname -a"
     "$prefix/bin/vmette" run -- uname -a
 fi

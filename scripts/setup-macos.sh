@@ -13,7 +13,6 @@ cd "$(dirname "$0")/.."
 
 say() { printf '==> %s\n' "$*" >&2; }
 
-mirror=${VMETTE_DEBIAN_MIRROR:-https://deb.debian.org/debian}
 prefix=${VMETTE_PREFIX:-$HOME/.local}
 cache=${VMETTE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmette}
 guest_target=aarch64-unknown-linux-musl
@@ -31,27 +30,8 @@ install -d "$prefix/bin" "$prefix/lib/vmette"
 install -m 0755 target/release/vmette "$prefix/bin/vmette"
 install -m 0755 "target/$guest_target/release-guest/vmette-guest" "$prefix/lib/vmette/vmette-guest"
 
-if ! ls "$cache"/kernel/*/.complete >/dev/null 2>&1; then
-    say "fetching Debian's arm64 cloud kernel from $mirror"
-    work=$(mktemp -d)
-    trap 'rm -rf "$work"' EXIT
-    curl -fsSL "$mirror/dists/bookworm/main/binary-arm64/Packages.gz" | gunzip > "$work/Packages"
-    package=$(awk -F': ' '$1=="Package"{p=$2} p=="linux-image-cloud-arm64" && $1=="Depends"{print $2; exit}' "$work/Packages" | tr ',' '\n' | grep -o 'linux-image-[^ ]*' | head -n 1)
-    file=$(awk -F': ' -v want="$package" '$1=="Package"{p=$2} p==want && $1=="Filename"{print $2; exit}' "$work/Packages")
-    [ -n "$package" ] && [ -n "$file" ] || { echo "setup-macos.sh: no arm64 cloud kernel in the index" >&2; exit 1; }
-    curl -fsSL -o "$work/kernel.deb" "$mirror/$file"
-    (cd "$work" && ar -x kernel.deb && mkdir tree && tar -xf data.tar.* -C tree)
-    # Virtualization.framework boots an uncompressed arm64 Image.
-    for image in "$work"/tree/boot/vmlinuz-*; do
-        if [ "$(head -c 2 "$image" | od -An -tx1 | tr -d ' ')" = "1f8b" ]; then
-            gunzip -c "$image" > "$image.raw" && mv "$image.raw" "$image"
-        fi
-    done
-    echo "$package" > "$work/tree/.complete"
-    mkdir -p "$cache/kernel"
-    rm -rf "${cache:?}/kernel/$package"
-    mv "$work/tree" "$cache/kernel/$package"
-fi
+say "fetching Debian's arm64 cloud kernel"
+scripts/fetch-arm64-kernel.sh "$cache" >/dev/null
 
 if [ -f "$cache/images/debian-bookworm-minbase.erofs" ]; then
     "$prefix/bin/vmette" setup

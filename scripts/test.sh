@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 
 say() { printf '==> %s\n' "$*" >&2; }
 
-./setup.sh --no-sample
+./setup.sh --no-sample --with-test-tools
+export PATH="/usr/local/bin:$HOME/.local/bin:$PATH"
 
 say "cargo fmt --check"
 cargo fmt --all --check
@@ -44,8 +45,14 @@ say "tests (unit and end-to-end on real VMs)"
 # Each VM gets one vCPU under emulation; two test threads keep two cores busy.
 cargo test --release --workspace -- --test-threads=2
 
+say "arm64 guest over virtio-socket (the macOS engine's guest side, under QEMU)"
+arm64_tree=$(scripts/fetch-arm64-kernel.sh "${XDG_CACHE_HOME:-$HOME/.cache}/vmette/arm64")
+VMETTE_ARM64_KERNEL_TREE=$arm64_tree \
+VMETTE_ARM64_AGENT=target/aarch64-unknown-linux-musl/release-guest/vmette-guest \
+    cargo test --release -p vmette-vz --test arm64_guest -- --ignored
+
 say "checking for leftovers"
-leftovers=$(pgrep -a -f 'qemu-system|virtiofsd --socket-path' | grep -v pgrep || true)
+leftovers=$(pgrep -a -f 'qemu-system|virtiofsd --socket-path|vhost-device-vsock' | grep -v pgrep || true)
 dirs=$(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'vmette-*' 2>/dev/null || true)
 if [ -n "$leftovers" ] || [ -n "$dirs" ]; then
     echo "left behind after the tests:" >&2

@@ -49,10 +49,14 @@ pub fn cached(cache: &Cache) -> Result<Option<Kernel>, AssetError> {
     let Ok(entries) = fs::read_dir(&dir) else {
         return Ok(None);
     };
+    // Only kernels of this host's architecture: a cache may also hold
+    // another architecture's kernel (for tests of the macOS guest).
+    let flavour = meta_package().trim_start_matches("linux-image");
     let mut trees: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.join(COMPLETE).is_file())
+        .filter(|p| p.to_string_lossy().ends_with(flavour))
         .collect();
     trees.sort();
     match trees.pop() {
