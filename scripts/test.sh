@@ -48,7 +48,7 @@ cargo test --release --workspace -- --test-threads=2
 say "arm64 guest over virtio-socket (the macOS engine's guest side, under QEMU)"
 arm64_tree=$(scripts/fetch-arm64-kernel.sh "${XDG_CACHE_HOME:-$HOME/.cache}/vmette/arm64")
 VMETTE_ARM64_KERNEL_TREE=$arm64_tree \
-VMETTE_ARM64_AGENT=target/aarch64-unknown-linux-musl/release-guest/vmette-guest \
+VMETTE_ARM64_AGENT="$PWD/target/aarch64-unknown-linux-musl/release-guest/vmette-guest" \
     cargo test --release -p vmette-vz --test arm64_guest -- --ignored
 
 say "checking for leftovers"

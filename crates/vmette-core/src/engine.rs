@@ -7,8 +7,10 @@
 //! library never learns which engine it talks to; engines depend on this
 //! crate, never the reverse.
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::process::Watchdog;
@@ -109,6 +111,24 @@ pub trait Vm: Send {
 
     /// Which accelerator runs the machine, and why, for `-v` output.
     fn accelerator(&self) -> String;
+}
+
+/// The last `max_bytes` of a log file, for error reports; empty when the
+/// file cannot be read.
+pub fn log_tail(path: &Path, max_bytes: u64) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(max_bytes)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut tail = Vec::new();
+    let _ = file.take(max_bytes).read_to_end(&mut tail);
+    String::from_utf8_lossy(&tail).into_owned()
 }
 
 /// Why an engine could not start or talk to a machine.

@@ -81,64 +81,56 @@ impl Engine for QemuEngine {
     }
 
     fn diagnose(&self) -> Vec<Check> {
-        let mut checks = Vec::new();
-        let setup = Some("run ./setup.sh".to_string());
-        match find(qemu_program(), "VMETTE_QEMU") {
-            Some(path) => checks.push(Check {
-                name: "qemu".into(),
-                detail: format!(
-                    "{} ({})",
-                    version_line(&path).unwrap_or_else(|| "version unknown".into()),
-                    path.display()
-                ),
-                fix: None,
-            }),
-            None => checks.push(Check {
-                name: "qemu".into(),
-                detail: format!("{} not found", qemu_program()),
-                fix: Some("apt-get install qemu-system-x86 (or run ./setup.sh)".into()),
-            }),
-        }
         let (choice, reason) = accel::choose(vmette_core::Accel::Auto)
             .map(|c| (c.name(), c.reason().to_string()))
             .unwrap_or_else(|e| ("none", e.to_string()));
-        checks.push(Check {
-            name: "accelerator".into(),
-            detail: format!("{choice}: {reason}"),
-            fix: None,
-        });
-        match find("virtiofsd", "VMETTE_VIRTIOFSD") {
-            Some(path) => checks.push(Check {
-                name: "virtiofsd".into(),
-                detail: format!(
-                    "{} ({})",
-                    version_line(&path).unwrap_or_else(|| "version unknown".into()),
-                    path.display()
-                ),
+        let mut checks = vec![
+            program_check(
+                "qemu",
+                find(qemu_program(), "VMETTE_QEMU"),
+                format!("{} not found", qemu_program()),
+                "apt-get install qemu-system-x86 (or run ./setup.sh)",
+            ),
+            Check {
+                name: "accelerator".into(),
+                detail: format!("{choice}: {reason}"),
                 fix: None,
-            }),
-            None => checks.push(Check {
-                name: "virtiofsd".into(),
-                detail: "not found; --share and directory root file systems need it".into(),
-                fix: Some(
-                    "cargo install virtiofsd --locked --root /usr/local (or run ./setup.sh)".into(),
-                ),
-            }),
-        }
+            },
+            program_check(
+                "virtiofsd",
+                find("virtiofsd", "VMETTE_VIRTIOFSD"),
+                "not found; --share and directory root file systems need it".into(),
+                "cargo install virtiofsd --locked --root /usr/local (or run ./setup.sh)",
+            ),
+        ];
         if !virtiofsd::is_root() {
-            checks.push(Check {
-                name: "unshare".into(),
-                detail: match host_tool::locate("unshare") {
-                    Some(path) => {
-                        format!("{} (runs virtiofsd in a user namespace)", path.display())
-                    }
-                    None => "not found".into(),
-                },
-                fix: host_tool::locate("unshare")
-                    .is_none()
-                    .then(|| setup.clone().unwrap_or_default()),
-            });
+            checks.push(program_check(
+                "unshare",
+                host_tool::locate("unshare"),
+                "not found; virtiofsd runs in a user namespace made by unshare".into(),
+                "apt-get install util-linux (or run ./setup.sh)",
+            ));
         }
         checks
+    }
+}
+
+/// A doctor line for a program: its version and path, or how to get it.
+fn program_check(name: &str, path: Option<PathBuf>, missing: String, fix: &str) -> Check {
+    match path {
+        Some(path) => Check {
+            name: name.into(),
+            detail: format!(
+                "{} ({})",
+                version_line(&path).unwrap_or_else(|| "version unknown".into()),
+                path.display()
+            ),
+            fix: None,
+        },
+        None => Check {
+            name: name.into(),
+            detail: missing,
+            fix: Some(fix.into()),
+        },
     }
 }

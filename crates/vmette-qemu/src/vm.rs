@@ -1,13 +1,12 @@
 //! A running QEMU VM and the helpers it owns.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmette_core::engine::{EngineError, Vm, VmSpec};
+use vmette_core::engine::{log_tail, EngineError, Vm, VmSpec};
 use vmette_core::process::{spawn_helper, HelperProcess, Watchdog};
 
 use crate::accel::{self, Choice};
@@ -114,14 +113,7 @@ impl Vm for QemuVm {
     }
 
     fn console_tail(&self) -> String {
-        let Ok(mut file) = File::open(&self.files.console) else {
-            return String::new();
-        };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)));
-        let mut tail = Vec::new();
-        let _ = file.take(CONSOLE_TAIL).read_to_end(&mut tail);
-        let mut text = String::from_utf8_lossy(&tail).into_owned();
+        let mut text = log_tail(&self.files.console, CONSOLE_TAIL);
         // QEMU's own complaints (a kernel it cannot load, a device it
         // rejects) go to its log, not the guest console.
         let qemu = std::fs::read_to_string(&self.qemu_log).unwrap_or_default();

@@ -7,8 +7,6 @@
 //! [`Completion`] that the calling thread waits on outside the queue, so
 //! the queue is never blocked waiting for itself.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -24,7 +22,7 @@ use objc2_virtualization::{
     VZVirtioSocketConnection, VZVirtioSocketDevice, VZVirtualMachine,
     VZVirtualMachineConfiguration, VZVirtualMachineState,
 };
-use vmette_core::engine::{EngineError, Vm};
+use vmette_core::engine::{log_tail, EngineError, Vm};
 
 use super::configuration::describe;
 use crate::plan::DevicePlan;
@@ -272,14 +270,7 @@ impl Vm for VzVm {
     }
 
     fn console_tail(&self) -> String {
-        let Ok(mut file) = File::open(&self.console_log) else {
-            return String::new();
-        };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)));
-        let mut tail = Vec::new();
-        let _ = file.take(CONSOLE_TAIL).read_to_end(&mut tail);
-        String::from_utf8_lossy(&tail).into_owned()
+        log_tail(&self.console_log, CONSOLE_TAIL)
     }
 
     fn accelerator(&self) -> String {
