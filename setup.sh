@@ -54,6 +54,7 @@ packages=(
     musl-tools             # static guest agent
     busybox-static         # tiny root file systems in the tests
     procps time hyperfine cpio ca-certificates
+    curl binutils xz-utils  # fetching the arm64 kernel for the tests
 )
 
 if [ "$test_tools" = yes ]; then

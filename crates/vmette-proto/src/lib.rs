@@ -38,6 +38,8 @@
 //! into the command's pipe, so a command that never reads its stdin cannot
 //! make the guest buffer without bound.
 
+#![warn(missing_docs)]
+
 mod frame;
 mod messages;
 

@@ -182,15 +182,23 @@ pub fn code(output: &Output) -> i32 {
     output.status.code().unwrap_or(-1)
 }
 
-/// A minimal root file system: busybox and a marker file.
+/// A minimal root file system: a static busybox and a marker file. The
+/// busybox must run in the guest: `VMETTE_TEST_BUSYBOX` names one built for
+/// the guest's architecture (an arm64 one on a Mac); by default it is the
+/// host's busybox-static, which setup.sh installs on Linux.
 pub fn busybox_tree(dir: &Path) {
     for sub in ["bin", "dev", "proc", "sys", "tmp", "run", "etc"] {
         std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
     }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static is installed by setup.sh");
+    let busybox = std::env::var_os("VMETTE_TEST_BUSYBOX")
+        .map(PathBuf::from)
+        .or_else(|| {
+            ["/bin/busybox", "/usr/bin/busybox"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+        })
+        .expect("a static busybox: setup.sh installs busybox-static, or set VMETTE_TEST_BUSYBOX");
     std::fs::copy(busybox, dir.join("bin/busybox")).expect("copy busybox");
     for applet in ["sh", "cat", "echo", "ls", "mount", "touch", "sync"] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).expect("symlink");
