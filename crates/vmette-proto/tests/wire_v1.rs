@@ -1,0 +1,150 @@
+//! Freezes the encoding of protocol version 1. Every message kind is encoded
+//! as a frame and compared with `wire-v1.txt`; a change to any message's
+//! shape shows up here as a diff to review, not as a guest that silently
+//! misreads its host. Where the change is intended, bump
+//! `PROTOCOL_VERSION` or append compatibly, then re-bless with
+//! `VMETTE_BLESS=1 cargo test -p vmette-proto --test wire_v1`.
+
+use std::fmt::Write as _;
+
+use vmette_proto::{
+    write_frame, BootEnvelope, ExecRequest, ExitStatus, GuestMessage, HostMessage, OverlayUpper,
+    RootSource, ShareMount, PROTOCOL_VERSION,
+};
+
+fn samples() -> Vec<(&'static str, Vec<u8>)> {
+    fn frame<T: serde::Serialize>(message: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, message).expect("encode");
+        out
+    }
+    vec![
+        (
+            "host boot",
+            frame(&HostMessage::Boot(BootEnvelope {
+                root: RootSource::Block {
+                    serial: "vmette-root".into(),
+                    fstype: "erofs".into(),
+                },
+                overlay: OverlayUpper::Disk {
+                    serial: "vmette-scratch".into(),
+                },
+                shares: vec![ShareMount {
+                    tag: "vmette-share0".into(),
+                    guest_path: "/data".into(),
+                    read_only: true,
+                }],
+                disks: vec!["vmette-disk0".into()],
+                hostname: "vmette".into(),
+            })),
+        ),
+        (
+            "host boot virtiofs",
+            frame(&HostMessage::Boot(BootEnvelope {
+                root: RootSource::VirtioFs {
+                    tag: "vmette-root".into(),
+                    writable: true,
+                },
+                overlay: OverlayUpper::Tmpfs,
+                shares: vec![],
+                disks: vec![],
+                hostname: "vmette".into(),
+            })),
+        ),
+        (
+            "host exec",
+            frame(&HostMessage::Exec(ExecRequest {
+                id: 1,
+                argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: vec![("A".into(), "b".into())],
+                workdir: Some("/tmp".into()),
+                stdin: true,
+            })),
+        ),
+        (
+            "host stdin",
+            frame(&HostMessage::Stdin {
+                id: 1,
+                data: b"abc".to_vec(),
+            }),
+        ),
+        ("host stdin eof", frame(&HostMessage::StdinEof { id: 1 })),
+        (
+            "host signal",
+            frame(&HostMessage::Signal { id: 1, signal: 2 }),
+        ),
+        ("host power off", frame(&HostMessage::PowerOff)),
+        (
+            "guest hello",
+            frame(&GuestMessage::Hello {
+                version: PROTOCOL_VERSION,
+                agent_version: "0.1.0".into(),
+            }),
+        ),
+        ("guest ready", frame(&GuestMessage::Ready)),
+        (
+            "guest boot failed",
+            frame(&GuestMessage::BootFailed {
+                message: "no disk".into(),
+            }),
+        ),
+        (
+            "guest stdout",
+            frame(&GuestMessage::Stdout {
+                id: 1,
+                data: b"out".to_vec(),
+            }),
+        ),
+        (
+            "guest stderr",
+            frame(&GuestMessage::Stderr {
+                id: 1,
+                data: b"err".to_vec(),
+            }),
+        ),
+        (
+            "guest stdin ack",
+            frame(&GuestMessage::StdinAck { id: 1, bytes: 3 }),
+        ),
+        (
+            "guest exited",
+            frame(&GuestMessage::Exited {
+                id: 1,
+                status: ExitStatus::Code(7),
+            }),
+        ),
+        (
+            "guest signaled",
+            frame(&GuestMessage::Exited {
+                id: 1,
+                status: ExitStatus::Signal(9),
+            }),
+        ),
+        (
+            "guest exec failed",
+            frame(&GuestMessage::ExecFailed {
+                id: 1,
+                message: "x: command not found".into(),
+                code: 127,
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn the_v1_encoding_is_frozen() {
+    let mut text = String::new();
+    for (name, bytes) in samples() {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(text, "{name}: {hex}").expect("format");
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/wire-v1.txt");
+    if std::env::var_os("VMETTE_BLESS").is_some() {
+        std::fs::write(path, &text).expect("bless");
+    }
+    let frozen = std::fs::read_to_string(path).expect("tests/wire-v1.txt");
+    assert_eq!(
+        frozen, text,
+        "the wire encoding changed; see this file's header"
+    );
+}
