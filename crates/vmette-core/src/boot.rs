@@ -237,7 +237,13 @@ fn create_scratch(path: &Path, mib: u64) -> Result<(), Error> {
         .create_new(true)
         .open(path)
         .map_err(Error::io("cannot create the scratch disk"))?;
-    file.set_len(mib * 1024 * 1024)
+    let bytes = mib
+        .checked_mul(1024 * 1024)
+        .ok_or_else(|| Error::InvalidConfig {
+            field: "scratch",
+            reason: format!("{mib} MiB is too large"),
+        })?;
+    file.set_len(bytes)
         .map_err(Error::io("cannot size the scratch disk"))?;
     drop(file);
     let mkfs = vmette_assets::host_tool::locate("mkfs.ext4").ok_or_else(|| Error::Io {

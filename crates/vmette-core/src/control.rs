@@ -1,10 +1,15 @@
-//! The host's end of the control channel: a writer shared by the threads
-//! that send, and a reader thread that validates every guest message and
-//! turns it into an [`Event`].
+//! The host's end of the control channel: a writer thread fed by a queue,
+//! and a reader thread that validates every guest message and turns it into
+//! an [`Event`].
+//!
+//! Nothing that sends ever blocks on the socket: a guest that stops
+//! reading stalls only the writer thread, never the run loop, which can
+//! still honour its deadline and Ctrl-C by killing the VM (which closes
+//! the socket and ends the writer).
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -40,21 +45,25 @@ pub enum Event {
     Interrupt(i32),
 }
 
-/// Sends host messages; cheap to clone, safe to share between threads.
+/// Queues host messages for the writer thread; cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct ControlSender {
-    stream: Arc<Mutex<UnixStream>>,
+    queue: Sender<HostMessage>,
 }
 
 impl ControlSender {
-    pub fn send(&self, message: &HostMessage) -> Result<(), Error> {
-        let mut stream = self.stream.lock().unwrap_or_else(PoisonError::into_inner);
-        write_frame(&mut *stream, message).map_err(Error::Channel)
+    /// Queues `message`. Fails only once the writer is gone, after a write
+    /// failed; whole frames are written or none, so the stream never
+    /// carries half a frame followed by another.
+    pub fn send(&self, message: HostMessage) -> Result<(), Error> {
+        self.queue
+            .send(message)
+            .map_err(|_| Error::Channel(FrameError::Io(std::io::ErrorKind::BrokenPipe.into())))
     }
 }
 
-/// Splits a connected control stream into a sender and a reader thread that
-/// feeds `events`.
+/// Starts the writer and reader threads on a connected control stream; the
+/// reader feeds `events`, and so does the writer if a write fails.
 pub fn start(stream: UnixStream, events: SyncSender<Event>) -> Result<ControlSender, Error> {
     stream
         .set_write_timeout(Some(WRITE_TIMEOUT))
@@ -62,13 +71,30 @@ pub fn start(stream: UnixStream, events: SyncSender<Event>) -> Result<ControlSen
     let reader = stream
         .try_clone()
         .map_err(Error::io("cannot clone the control channel"))?;
+    let writer_events = events.clone();
     thread::Builder::new()
-        .name("vmette-control".into())
+        .name("vmette-control-read".into())
         .spawn(move || read_loop(reader, &events))
         .map_err(Error::io("cannot start the control reader"))?;
-    Ok(ControlSender {
-        stream: Arc::new(Mutex::new(stream)),
-    })
+    let (queue, outgoing) = mpsc::channel();
+    thread::Builder::new()
+        .name("vmette-control-write".into())
+        .spawn(move || write_loop(stream, &outgoing, &writer_events))
+        .map_err(Error::io("cannot start the control writer"))?;
+    Ok(ControlSender { queue })
+}
+
+fn write_loop(
+    mut stream: UnixStream,
+    outgoing: &mpsc::Receiver<HostMessage>,
+    events: &SyncSender<Event>,
+) {
+    for message in outgoing {
+        if let Err(error) = write_frame(&mut stream, &message) {
+            let _ = events.send(Event::Closed(Some(error)));
+            return;
+        }
+    }
 }
 
 fn read_loop(mut reader: UnixStream, events: &SyncSender<Event>) {
@@ -119,11 +145,17 @@ impl StdinWindow {
         true
     }
 
-    /// The guest acknowledged `bytes`.
-    pub fn release(&self, bytes: usize) {
+    /// The guest acknowledged `bytes`; `false` when it acknowledges more
+    /// than was sent, which only a broken or hostile guest does.
+    #[must_use]
+    pub fn release(&self, bytes: usize) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.in_flight = state.in_flight.saturating_sub(bytes);
+        if bytes > state.in_flight {
+            return false;
+        }
+        state.in_flight -= bytes;
         self.changed.notify_all();
+        true
     }
 
     /// Stops the pump: the exec ended.
@@ -131,6 +163,16 @@ impl StdinWindow {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.closed = true;
         self.changed.notify_all();
+    }
+}
+
+/// Closes a [`StdinWindow`] when dropped, so the pump stops on every way
+/// out of a run.
+pub struct CloseOnDrop(pub Arc<StdinWindow>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -161,11 +203,11 @@ pub fn pump_stdin(
                     id,
                     data: buf[..n].to_vec(),
                 };
-                if sender.send(&chunk).is_err() {
+                if sender.send(chunk).is_err() {
                     return;
                 }
             }
-            let _ = sender.send(&HostMessage::StdinEof { id });
+            let _ = sender.send(HostMessage::StdinEof { id });
         });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the stdin thread: {e}");

@@ -7,10 +7,13 @@
 //! library never learns which engine it talks to; engines depend on this
 //! crate, never the reverse.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::process::Watchdog;
@@ -113,6 +116,61 @@ pub trait Vm: Send {
     fn accelerator(&self) -> String;
 }
 
+/// Keeps the last bytes of a guest console in memory. The guest decides
+/// how much it writes to its console, so the console goes through a pipe
+/// into this bounded buffer rather than into a file that could fill the
+/// host's disk.
+#[derive(Debug, Clone)]
+pub struct ConsoleTail {
+    buffer: Arc<Mutex<VecDeque<u8>>>,
+    capacity: usize,
+}
+
+impl ConsoleTail {
+    /// Reads `source` on a thread of its own until it ends, keeping the
+    /// last `capacity` bytes.
+    pub fn capture(source: impl Read + Send + 'static, capacity: usize) -> io::Result<ConsoleTail> {
+        let tail = ConsoleTail {
+            buffer: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))),
+            capacity,
+        };
+        let sink = tail.clone();
+        thread::Builder::new()
+            .name("vmette-console".into())
+            .spawn(move || sink.fill_from(source))?;
+        Ok(tail)
+    }
+
+    fn fill_from(&self, mut source: impl Read) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match source.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => self.push(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn push(&self, data: &[u8]) {
+        let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+        buffer.extend(data);
+        let excess = buffer.len().saturating_sub(self.capacity);
+        buffer.drain(..excess);
+    }
+
+    /// What the console said last, as text.
+    pub fn text(&self) -> String {
+        let buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+        let (front, back) = buffer.as_slices();
+        let mut bytes = Vec::with_capacity(buffer.len());
+        bytes.extend_from_slice(front);
+        bytes.extend_from_slice(back);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
 /// The last `max_bytes` of a log file, for error reports; empty when the
 /// file cannot be read.
 pub fn log_tail(path: &Path, max_bytes: u64) -> String {
@@ -185,4 +243,23 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_tail_keeps_only_the_end() {
+        let flood = vec![b'x'; 100_000];
+        let mut source = flood.clone();
+        source.extend_from_slice(b"the end");
+        let tail = ConsoleTail::capture(std::io::Cursor::new(source), 16).expect("capture");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !tail.text().ends_with("the end") {
+            assert!(std::time::Instant::now() < deadline, "never saw the end");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(tail.text(), "xxxxxxxxxthe end");
+    }
 }

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-/// Most process groups one watchdog tracks.
-const MAX_GUARDED: usize = 64;
+/// Most process groups one watchdog tracks: a virtiofsd per share, one for
+/// a directory root, the hypervisor, and room to spare.
+const MAX_GUARDED: usize = vmette_proto::MAX_SHARES + 8;
 
 /// Guards one run: kills its helpers and removes its run directory if the
 /// owning process dies without disarming it.
@@ -153,6 +154,13 @@ fn watch(read_fd: RawFd, write_fd: RawFd, remove: &RemoveCommand, open_files: i3
     // allocated before the fork.
     unsafe {
         libc::close(write_fd);
+        // If vmette started with 0, 1 or 2 closed, the pipe may sit there;
+        // move it clear before those become /dev/null.
+        let read_fd = if read_fd <= 2 {
+            libc::fcntl(read_fd, libc::F_DUPFD, 3)
+        } else {
+            read_fd
+        };
         libc::setpgid(0, 0);
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
@@ -266,6 +274,11 @@ impl HelperProcess {
     /// The helper's pid.
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The helper's stdout, when it was spawned with a pipe there.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
     }
 
     /// `true` once the helper has exited.

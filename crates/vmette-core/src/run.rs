@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vmette_assets::{Progress, Silent};
 use vmette_proto::{ExecRequest, GuestMessage, HostMessage, PROTOCOL_VERSION};
 
-use crate::control::{self, Event, StdinWindow};
+use crate::control::{self, CloseOnDrop, Event, StdinWindow};
 use crate::engine::Vm;
 use crate::process::Watchdog;
 use crate::{boot, Config, Engine, Error, Stdin};
@@ -21,8 +21,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// VM is torn down.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 
-/// How long the guest gets to power off by itself after the command ended.
-const POWER_OFF_GRACE: Duration = Duration::from_secs(3);
+/// How long the guest gets to flush its file systems and power off by
+/// itself after the command ended.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
 
 /// The single exec of a one-shot run.
 const EXEC_ID: u32 = 1;
@@ -151,6 +152,17 @@ impl<'a> Runner<'a> {
         let watchdog =
             Watchdog::spawn(run_dir.path()).map_err(Error::io("cannot start the watchdog"))?;
         let (spec, envelope) = boot::layout(config, &files, run_dir.path())?;
+        // The guest refuses what breaks the protocol's rules; find out here,
+        // before a VM starts, and name the setting.
+        for message in [
+            HostMessage::Boot(envelope.clone()),
+            HostMessage::Exec(exec_request(config)),
+        ] {
+            message.validate().map_err(|e| Error::InvalidConfig {
+                field: e.field,
+                reason: e.reason.to_string(),
+            })?;
+        }
 
         let (events_tx, events) = mpsc::sync_channel(control::EVENT_QUEUE);
         if let Some(interrupts) = self.interrupts {
@@ -228,7 +240,7 @@ impl Session<'_> {
                             "the guest agent {agent_version} speaks protocol {version}, this host speaks {PROTOCOL_VERSION}; rebuild the initramfs with this vmette"
                         )));
                     }
-                    sender.send(&HostMessage::Boot(envelope.clone()))?;
+                    sender.send(HostMessage::Boot(envelope.clone()))?;
                 }
                 Wait::Event(Event::Guest(GuestMessage::Ready)) => break,
                 Wait::Event(Event::Guest(GuestMessage::BootFailed { message })) => {
@@ -257,14 +269,9 @@ impl Session<'_> {
             }
         }
 
-        sender.send(&HostMessage::Exec(ExecRequest {
-            id: EXEC_ID,
-            argv: config.command.clone(),
-            env: config.env.clone(),
-            workdir: config.workdir.clone(),
-            stdin: config.stdin != Stdin::Null,
-        }))?;
+        sender.send(HostMessage::Exec(exec_request(config)))?;
         let window = Arc::new(StdinWindow::default());
+        let _stop_pump = CloseOnDrop(Arc::clone(&window));
         match &config.stdin {
             Stdin::Null => {}
             Stdin::Inherit => control::pump_stdin(
@@ -289,7 +296,13 @@ impl Session<'_> {
                 Wait::Event(Event::Guest(message)) => match message {
                     GuestMessage::Stdout { id: EXEC_ID, data } => sink(OutputStream::Stdout, &data),
                     GuestMessage::Stderr { id: EXEC_ID, data } => sink(OutputStream::Stderr, &data),
-                    GuestMessage::StdinAck { id: EXEC_ID, bytes } => window.release(bytes as usize),
+                    GuestMessage::StdinAck { id: EXEC_ID, bytes } => {
+                        if !window.release(bytes as usize) {
+                            return Err(Error::Protocol(
+                                "the guest acknowledged stdin it was never sent".into(),
+                            ));
+                        }
+                    }
                     GuestMessage::Exited {
                         id: EXEC_ID,
                         status,
@@ -309,26 +322,23 @@ impl Session<'_> {
                 Wait::Event(Event::Interrupt(signal)) => {
                     if interrupted.is_none() {
                         interrupted = Some(signal);
-                        sender.send(&HostMessage::Signal {
+                        // A failed send means the channel is gone; the
+                        // grace period below still ends the run.
+                        let _ = sender.send(HostMessage::Signal {
                             id: EXEC_ID,
                             signal,
-                        })?;
+                        });
                         until = until.min(Instant::now() + INTERRUPT_GRACE);
                     }
                 }
-                Wait::Event(Event::Invalid(reason)) => {
-                    window.close();
-                    return Err(Error::Protocol(reason));
-                }
+                Wait::Event(Event::Invalid(reason)) => return Err(Error::Protocol(reason)),
                 Wait::Event(Event::Closed(error)) => {
-                    window.close();
                     return Err(match error {
                         Some(error) => Error::Channel(error),
                         None => self.boot_failed("the guest closed the control channel".into()),
                     });
                 }
                 Wait::VmGone => {
-                    window.close();
                     return Err(self.boot_failed("the VM stopped while the command ran".into()));
                 }
                 Wait::Deadline => {
@@ -345,7 +355,7 @@ impl Session<'_> {
         // writable disks and shares are flushed; anything else is killed.
         let finished = !matches!(status, RunStatus::TimedOut | RunStatus::Interrupted(_));
         let powered_off = finished
-            && sender.send(&HostMessage::PowerOff).is_ok()
+            && sender.send(HostMessage::PowerOff).is_ok()
             && self.vm.wait_exit(POWER_OFF_GRACE);
         if !powered_off {
             self.vm.kill();
@@ -366,10 +376,12 @@ impl Session<'_> {
                 Ok(event) => return Wait::Event(event),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.vm.has_exited() {
-                        // Drain what the guest said before it went away.
-                        return match self.events.try_recv() {
+                        // Drain what the guest said before it went away
+                        // (a BootFailed, the last output): the reader
+                        // delivers it, then the end of the stream.
+                        return match self.events.recv_timeout(Duration::from_millis(500)) {
+                            Ok(Event::Closed(_)) | Err(_) => Wait::VmGone,
                             Ok(event) => Wait::Event(event),
-                            Err(_) => Wait::VmGone,
                         };
                     }
                 }
@@ -383,6 +395,17 @@ impl Session<'_> {
             reason,
             console: self.vm.console_tail(),
         }
+    }
+}
+
+/// The exec request of a one-shot run.
+fn exec_request(config: &Config) -> ExecRequest {
+    ExecRequest {
+        id: EXEC_ID,
+        argv: config.command.clone(),
+        env: config.env.clone(),
+        workdir: config.workdir.clone(),
+        stdin: config.stdin != Stdin::Null,
     }
 }
 

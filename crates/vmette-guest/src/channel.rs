@@ -15,7 +15,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmette_proto::{read_frame, write_frame, FrameError, GuestMessage, HostMessage};
+use vmette_proto::{
+    read_frame, write_frame, FrameError, GuestMessage, HostMessage, InvalidMessage,
+};
 
 /// Messages queued for the writer before senders block. Bounded so that a
 /// host that reads slowly stalls the command (on a full pipe) instead of
@@ -69,6 +71,7 @@ enum Outgoing {
 pub struct Inbox {
     reader: Box<dyn Read + Send>,
     transport: Transport,
+    outbox: Outbox,
 }
 
 impl Channel {
@@ -110,6 +113,7 @@ impl Channel {
         Inbox {
             reader: self.reader,
             transport: self.transport,
+            outbox: self.outbox,
         }
     }
 }
@@ -156,7 +160,7 @@ impl Inbox {
             match read_frame::<_, HostMessage>(&mut self.reader)? {
                 Some(message) => match message.validate() {
                     Ok(()) => return Ok(message),
-                    Err(e) => eprintln!("vmette-guest: refusing a host message: {e}"),
+                    Err(e) => self.refuse(&message, &e),
                 },
                 None if self.transport == Transport::Serial => {
                     thread::sleep(Duration::from_millis(10))
@@ -167,10 +171,29 @@ impl Inbox {
     }
 }
 
+impl Inbox {
+    /// Answers a message that breaks the protocol's rules, so the host
+    /// learns why instead of waiting for an answer that never comes.
+    fn refuse(&self, message: &HostMessage, error: &InvalidMessage) {
+        eprintln!("vmette-guest: refusing a host message: {error}");
+        match message {
+            HostMessage::Exec(request) => self.outbox.send(GuestMessage::ExecFailed {
+                id: request.id,
+                message: format!("the request was refused: {error}"),
+                code: 125,
+            }),
+            HostMessage::Boot(_) => self.outbox.send(GuestMessage::BootFailed {
+                message: format!("the boot envelope was refused: {error}"),
+            }),
+            _ => {}
+        }
+    }
+}
+
 /// Listens on the virtio-socket `port` and accepts the host's connection.
 fn accept_vsock(port: u32) -> io::Result<File> {
     use nix::sys::socket::{
-        accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+        accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
     };
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -185,7 +208,9 @@ fn accept_vsock(port: u32) -> io::Result<File> {
         &VsockAddr::new(libc::VMADDR_CID_ANY, port),
     )?;
     listen(&listener, Backlog::new(1)?)?;
-    let connection = accept(listener.as_raw_fd())?;
+    // Close-on-exec, like every descriptor of the agent's: a command must
+    // not inherit the control channel and write into it.
+    let connection = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
     // SAFETY: accept returned a new descriptor that nothing else owns.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(connection) }))
 }

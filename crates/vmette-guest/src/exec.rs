@@ -24,10 +24,22 @@ use vmette_proto::{ExecId, ExecRequest, ExitStatus, GuestMessage, MAX_CHUNK_LEN}
 
 use crate::channel::Outbox;
 
-/// How long the finisher waits for the output pipes to reach end-of-file
-/// after the command exited. A background process that keeps them open
-/// must not hold the exit status back for ever.
+/// How long the output pipes may stay silent, after the command exited,
+/// before the exit status is sent anyway. A background process that keeps
+/// them open must not hold the status back for ever; output still flowing
+/// (a slow host draining a backlog) keeps the wait going.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// The longest the exit status waits for output after the command exited.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// What the output threads tell the finisher.
+enum Drain {
+    /// A chunk went out.
+    Progress,
+    /// The pipe reached end-of-file.
+    Done,
+}
 
 const DEFAULT_ENV: &[(&str, &str)] = &[
     (
@@ -131,16 +143,26 @@ impl Execs {
             let outbox = self.outbox.clone();
             let done = done_tx.clone();
             spawn_named("stdout", move || {
-                pump_output(stdout, |data| GuestMessage::Stdout { id, data }, &outbox);
-                let _ = done.send(());
+                pump_output(
+                    stdout,
+                    |data| GuestMessage::Stdout { id, data },
+                    &outbox,
+                    &done,
+                );
+                let _ = done.send(Drain::Done);
             });
         }
         if let Some(stderr) = child.stderr.take() {
             let outbox = self.outbox.clone();
             let done = done_tx.clone();
             spawn_named("stderr", move || {
-                pump_output(stderr, |data| GuestMessage::Stderr { id, data }, &outbox);
-                let _ = done.send(());
+                pump_output(
+                    stderr,
+                    |data| GuestMessage::Stderr { id, data },
+                    &outbox,
+                    &done,
+                );
+                let _ = done.send(Drain::Done);
             });
         }
         drop(done_tx);
@@ -156,11 +178,13 @@ impl Execs {
         let running = Arc::clone(&self.running);
         spawn_named("finisher", move || {
             let status = status_rx.recv().unwrap_or(ExitStatus::Code(255));
-            let deadline = Instant::now() + DRAIN_GRACE;
-            for _ in 0..2 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if done_rx.recv_timeout(left).is_err() {
-                    break;
+            let limit = Instant::now() + DRAIN_LIMIT;
+            let mut open_pipes = 2;
+            while open_pipes > 0 && Instant::now() < limit {
+                match done_rx.recv_timeout(DRAIN_GRACE) {
+                    Ok(Drain::Progress) => {}
+                    Ok(Drain::Done) => open_pipes -= 1,
+                    Err(_) => break,
                 }
             }
             lock(&running).remove(&id);
@@ -225,12 +249,20 @@ fn spawn_named(name: &str, body: impl FnOnce() + Send + 'static) {
     }
 }
 
-fn pump_output(mut pipe: impl Read, frame: impl Fn(Vec<u8>) -> GuestMessage, outbox: &Outbox) {
+fn pump_output(
+    mut pipe: impl Read,
+    frame: impl Fn(Vec<u8>) -> GuestMessage,
+    outbox: &Outbox,
+    finisher: &mpsc::Sender<Drain>,
+) {
     let mut buf = vec![0u8; MAX_CHUNK_LEN];
     loop {
         match pipe.read(&mut buf) {
             Ok(0) => return,
-            Ok(n) => outbox.send(frame(buf[..n].to_vec())),
+            Ok(n) => {
+                outbox.send(frame(buf[..n].to_vec()));
+                let _ = finisher.send(Drain::Progress);
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => return,
         }

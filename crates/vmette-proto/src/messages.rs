@@ -50,7 +50,7 @@ pub enum HostMessage {
     Signal {
         /// The exec.
         id: ExecId,
-        /// Signal number, 1 to 64.
+        /// Signal number, a standard signal (1 to 31).
         signal: i32,
     },
     /// Flush file systems and power the VM off.
@@ -259,8 +259,8 @@ impl HostMessage {
             HostMessage::Stdin { data, .. } if data.len() > MAX_CHUNK_LEN => {
                 invalid("stdin", "chunk too large")
             }
-            HostMessage::Signal { signal, .. } if !(1..=64).contains(signal) => {
-                invalid("signal", "must be 1 to 64")
+            HostMessage::Signal { signal, .. } if !(1..=31).contains(signal) => {
+                invalid("signal", "must be a standard signal, 1 to 31")
             }
             HostMessage::Stdin { .. }
             | HostMessage::StdinEof { .. }
@@ -282,6 +282,17 @@ impl GuestMessage {
             }
             GuestMessage::StdinAck { bytes, .. } if *bytes as usize > STDIN_WINDOW => {
                 invalid("stdin ack", "acknowledges more than the window")
+            }
+            GuestMessage::Exited {
+                status: ExitStatus::Code(code),
+                ..
+            } if !(0..=255).contains(code) => invalid("exit status", "code must be 0 to 255"),
+            GuestMessage::Exited {
+                status: ExitStatus::Signal(signal),
+                ..
+            } if !(1..=64).contains(signal) => invalid("exit status", "signal must be 1 to 64"),
+            GuestMessage::ExecFailed { code, .. } if !(1..=255).contains(code) => {
+                invalid("exec failure", "code must be 1 to 255")
             }
             GuestMessage::Hello { agent_version, .. } if agent_version.len() > 64 => {
                 invalid("agent version", "too long")
@@ -449,6 +460,24 @@ mod tests {
             data: vec![0; MAX_CHUNK_LEN + 1],
         };
         assert!(stdout.validate().is_err());
+    }
+
+    #[test]
+    fn rejects_exit_statuses_no_process_can_have() {
+        for status in [
+            ExitStatus::Code(-1),
+            ExitStatus::Code(256),
+            ExitStatus::Signal(0),
+            ExitStatus::Signal(i32::MAX),
+        ] {
+            let exited = GuestMessage::Exited { id: 1, status };
+            assert!(exited.validate().is_err(), "{status:?}");
+        }
+        let ok = GuestMessage::Exited {
+            id: 1,
+            status: ExitStatus::Signal(9),
+        };
+        assert_eq!(ok.validate(), Ok(()));
     }
 
     #[test]

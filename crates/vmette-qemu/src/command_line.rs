@@ -12,8 +12,6 @@ use crate::accel::Choice;
 pub struct RunFiles {
     /// The control channel's socket (QEMU listens).
     pub control: PathBuf,
-    /// The guest console's log.
-    pub console: PathBuf,
     /// One vhost-user socket per share, in `spec.shares` order.
     pub share_sockets: Vec<PathBuf>,
 }
@@ -23,7 +21,6 @@ impl RunFiles {
     pub fn in_dir(run_dir: &Path, shares: usize) -> RunFiles {
         RunFiles {
             control: run_dir.join("control.sock"),
-            console: run_dir.join("console.log"),
             share_sockets: (0..shares)
                 .map(|i| run_dir.join(format!("fs{i}.sock")))
                 .collect(),
@@ -87,12 +84,9 @@ pub fn qemu_args(spec: &VmSpec, accel: &Choice, cmdline: &str, files: &RunFiles)
         "-append",
         cmdline,
     ]);
-    push(&[
-        "-chardev",
-        &format!("file,id=console,path={}", escape(&files.console)),
-        "-serial",
-        "chardev:console",
-    ]);
+    // The console goes to QEMU's stdout, a pipe the engine reads into a
+    // bounded buffer: a guest flooding its console fills no disk.
+    push(&["-serial", "stdio"]);
     push(&[
         "-device",
         "virtio-serial-device",
@@ -105,11 +99,13 @@ pub fn qemu_args(spec: &VmSpec, accel: &Choice, cmdline: &str, files: &RunFiles)
         &format!("virtserialport,chardev=control,name={CONTROL_PORT_NAME}"),
     ]);
     for (index, disk) in spec.disks.iter().enumerate() {
-        let format = if is_qcow2(&disk.path) { "qcow2" } else { "raw" };
+        // Always raw, never probed: a guest that writes a qcow2 header into
+        // a writable disk must not get QEMU to open a backing file of its
+        // choosing on the next run.
         push(&[
             "-drive",
             &format!(
-                "if=none,id=disk{index},file={},format={format},readonly={}",
+                "if=none,id=disk{index},file={},format=raw,readonly={}",
                 escape(&disk.path),
                 if disk.read_only { "on" } else { "off" }
             ),
@@ -131,15 +127,6 @@ pub fn qemu_args(spec: &VmSpec, accel: &Choice, cmdline: &str, files: &RunFiles)
 /// QEMU option values separate with commas; a literal comma is doubled.
 fn escape(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
-}
-
-fn is_qcow2(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"QFI\xfb"
 }
 
 #[cfg(test)]

@@ -6,15 +6,18 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmette_core::engine::{log_tail, EngineError, Vm, VmSpec};
+use vmette_core::engine::{log_tail, ConsoleTail, EngineError, Vm, VmSpec};
 use vmette_core::process::{spawn_helper, HelperProcess, Watchdog};
 
 use crate::accel::{self, Choice};
 use crate::command_line::{kernel_cmdline, qemu_args, RunFiles};
 use crate::{find, qemu_program, virtiofsd};
 
-/// How much of the console log an error report shows.
-const CONSOLE_TAIL: u64 = 3000;
+/// How much of the guest console is kept for error reports.
+const CONSOLE_TAIL: usize = 4096;
+
+/// How much of QEMU's own log an error report shows.
+const QEMU_LOG_TAIL: u64 = 2000;
 
 /// A QEMU process and its virtiofsd helpers. Fields drop in order: QEMU
 /// first, so the helpers see it disconnect.
@@ -22,6 +25,7 @@ pub struct QemuVm {
     qemu: HelperProcess,
     _virtiofsd: Vec<HelperProcess>,
     files: RunFiles,
+    console: ConsoleTail,
     qemu_log: PathBuf,
     accel: Choice,
 }
@@ -54,18 +58,28 @@ impl QemuVm {
         command
             .args(&args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log);
         tracing::debug!(?program, ?args, "starting QEMU");
-        let qemu =
+        let mut qemu =
             spawn_helper("qemu", &mut command, watchdog).map_err(|source| EngineError::Spawn {
                 program: program.display().to_string(),
+                source,
+            })?;
+        let stdout = qemu.take_stdout().ok_or_else(|| EngineError::Io {
+            context: "QEMU has no console pipe".into(),
+            source: std::io::ErrorKind::BrokenPipe.into(),
+        })?;
+        let console =
+            ConsoleTail::capture(stdout, CONSOLE_TAIL).map_err(|source| EngineError::Io {
+                context: "cannot read the guest console".into(),
                 source,
             })?;
         Ok(QemuVm {
             qemu,
             _virtiofsd: helpers,
             files,
+            console,
             qemu_log,
             accel,
         })
@@ -113,10 +127,10 @@ impl Vm for QemuVm {
     }
 
     fn console_tail(&self) -> String {
-        let mut text = log_tail(&self.files.console, CONSOLE_TAIL);
+        let mut text = self.console.text();
         // QEMU's own complaints (a kernel it cannot load, a device it
         // rejects) go to its log, not the guest console.
-        let qemu = std::fs::read_to_string(&self.qemu_log).unwrap_or_default();
+        let qemu = log_tail(&self.qemu_log, QEMU_LOG_TAIL);
         for line in qemu.lines().filter(|l| !l.trim().is_empty()).take(20) {
             text.push_str(&format!("\n[qemu] {line}"));
         }

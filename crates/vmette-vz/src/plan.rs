@@ -77,8 +77,8 @@ pub struct DevicePlan {
     pub disks: Vec<DiskDevice>,
     /// virtio-fs devices.
     pub shares: Vec<ShareDevice>,
-    /// File the virtio console (`hvc0`) writes to.
-    pub console_log: PathBuf,
+    /// A virtio console (`hvc0`) whose output the engine keeps the end of.
+    pub console: bool,
     /// virtio-socket port of the control channel.
     pub control_port: u32,
     /// A virtio entropy device, so the guest does not starve for randomness.
@@ -187,7 +187,7 @@ pub fn plan(spec: &VmSpec, limits: &Limits) -> Result<DevicePlan, EngineError> {
         memory_bytes,
         disks,
         shares,
-        console_log: spec.run_dir.join("console.log"),
+        console: true,
         control_port: CONTROL_PORT,
         entropy: true,
         memory_balloon: true,
@@ -282,7 +282,7 @@ mod tests {
         assert_eq!(plan.control_port, 1025);
         assert!(plan.cmdline.contains("console=hvc0"));
         assert!(plan.cmdline.contains("vmette.control=vsock:1025"));
-        assert!(plan.console_log.ends_with("run/console.log"));
+        assert!(plan.console);
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! A [`VZVirtualMachineConfiguration`] built from a [`DevicePlan`].
 
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::path::Path;
 
 use objc2::rc::Retained;
 use objc2::{AllocAnyThread, ClassType};
-use objc2_foundation::{NSArray, NSError, NSString, NSURL};
+use objc2_foundation::{NSArray, NSError, NSFileHandle, NSString, NSURL};
 use objc2_virtualization::{
     VZDirectorySharingDeviceConfiguration, VZDiskImageStorageDeviceAttachment,
-    VZEntropyDeviceConfiguration, VZFileSerialPortAttachment, VZLinuxBootLoader,
+    VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment, VZLinuxBootLoader,
     VZMemoryBalloonDeviceConfiguration, VZSerialPortConfiguration, VZSharedDirectory,
     VZSingleDirectoryShare, VZSocketDeviceConfiguration, VZStorageDeviceConfiguration,
     VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration,
@@ -32,8 +33,13 @@ fn framework_error(what: &str, error: &NSError) -> EngineError {
     EngineError::Unsupported(format!("{what}: {}", describe(error)))
 }
 
-/// Builds and validates the configuration for `plan`.
-pub fn build(plan: &DevicePlan) -> Result<Retained<VZVirtualMachineConfiguration>, EngineError> {
+/// Builds and validates the configuration for `plan`. The guest console
+/// writes into `console`, the write end of a pipe whose read end the
+/// engine drains into a bounded buffer.
+pub fn build(
+    plan: &DevicePlan,
+    console: OwnedFd,
+) -> Result<Retained<VZVirtualMachineConfiguration>, EngineError> {
     // SAFETY: every object is created and configured on this thread before
     // any VM exists; configuration objects have no queue affinity, and every
     // argument is a live object of the type the framework expects.
@@ -85,16 +91,23 @@ pub fn build(plan: &DevicePlan) -> Result<Retained<VZVirtualMachineConfiguration
         }
         configuration.setDirectorySharingDevices(&NSArray::from_retained_slice(&shares));
 
-        let log = VZFileSerialPortAttachment::initWithURL_append_error(
-            VZFileSerialPortAttachment::alloc(),
-            &url(&plan.console_log),
-            false,
-        )
-        .map_err(|e| framework_error("cannot open the console log", &e))?;
-        let console = VZVirtioConsoleDeviceSerialPortConfiguration::new();
-        console.setAttachment(Some(log.as_super()));
-        let consoles: [Retained<VZSerialPortConfiguration>; 1] = [Retained::into_super(console)];
-        configuration.setSerialPorts(&NSArray::from_retained_slice(&consoles));
+        if plan.console {
+            let handle = NSFileHandle::initWithFileDescriptor_closeOnDealloc(
+                NSFileHandle::alloc(),
+                console.into_raw_fd(),
+                true,
+            );
+            let attachment =
+                VZFileHandleSerialPortAttachment::initWithFileHandleForReading_fileHandleForWriting(
+                    VZFileHandleSerialPortAttachment::alloc(),
+                    None,
+                    Some(&handle),
+                );
+            let port = VZVirtioConsoleDeviceSerialPortConfiguration::new();
+            port.setAttachment(Some(attachment.as_super()));
+            let ports: [Retained<VZSerialPortConfiguration>; 1] = [Retained::into_super(port)];
+            configuration.setSerialPorts(&NSArray::from_retained_slice(&ports));
+        }
 
         if plan.entropy {
             let entropy: [Retained<VZEntropyDeviceConfiguration>; 1] = [Retained::into_super(

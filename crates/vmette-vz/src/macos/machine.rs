@@ -9,7 +9,6 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use objc2_virtualization::{
     VZVirtioSocketConnection, VZVirtioSocketDevice, VZVirtualMachine,
     VZVirtualMachineConfiguration, VZVirtualMachineState,
 };
-use vmette_core::engine::{log_tail, EngineError, Vm};
+use vmette_core::engine::{ConsoleTail, EngineError, Vm};
 
 use super::configuration::describe;
 use crate::plan::DevicePlan;
@@ -33,8 +32,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a requested (clean) stop may take before the VM is forced off.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
-/// How much of the console log an error report shows.
-const CONSOLE_TAIL: u64 = 3000;
+/// How much of the guest console is kept for error reports.
+pub const CONSOLE_TAIL: usize = 4096;
 
 /// A value set once from a completion handler and awaited elsewhere.
 struct Completion<T> {
@@ -78,8 +77,10 @@ unsafe impl Sync for QueueBound {}
 /// A running VM.
 pub struct VzVm {
     queue: DispatchRetained<DispatchQueue>,
-    machine: QueueBound,
-    console_log: PathBuf,
+    /// `None` only while being dropped, when the object is released on its
+    /// queue.
+    machine: Option<QueueBound>,
+    console: ConsoleTail,
     control_port: u32,
 }
 
@@ -95,6 +96,7 @@ impl VzVm {
     pub fn start(
         configuration: &VZVirtualMachineConfiguration,
         plan: &DevicePlan,
+        console: ConsoleTail,
     ) -> Result<VzVm, EngineError> {
         let queue = DispatchQueue::new("dev.vmette.vm", DispatchQueueAttr::SERIAL);
         // SAFETY: the VM is created bound to `queue` and used only there.
@@ -107,13 +109,13 @@ impl VzVm {
         };
         let vm = VzVm {
             queue,
-            machine: QueueBound(machine),
-            console_log: plan.console_log.clone(),
+            machine: Some(QueueBound(machine)),
+            console,
             control_port: plan.control_port,
         };
         let started = Completion::new();
         let done = Arc::clone(&started);
-        vm.on_queue(move |machine| {
+        vm.on_queue((), move |machine| {
             let handler = RcBlock::new(move |error: *mut NSError| done.set(error_message(error)));
             // SAFETY: called on the VM's queue with a handler that only
             // records the outcome.
@@ -132,30 +134,40 @@ impl VzVm {
         }
     }
 
-    /// Runs `work` on the VM's queue and returns its result.
-    fn on_queue<R: Send>(&self, work: impl FnOnce(&VZVirtualMachine) -> R + Send) -> R {
+    /// Runs `work` on the VM's queue and returns its result; `None` once
+    /// the VM object has been released.
+    fn try_on_queue<R: Send>(&self, work: impl FnOnce(&VZVirtualMachine) -> R + Send) -> Option<R> {
+        let machine = self.machine.as_ref()?;
         let mut result = None;
-        let machine = &self.machine;
         let slot = &mut result;
         self.queue.exec_sync(move || *slot = Some(work(&machine.0)));
-        match result {
-            Some(value) => value,
-            // exec_sync runs the closure before returning.
-            None => unreachable!("exec_sync returned without running its work"),
-        }
+        result
+    }
+
+    /// Like [`VzVm::try_on_queue`], with `fallback` once the VM is released.
+    fn on_queue<R: Send>(
+        &self,
+        fallback: R,
+        work: impl FnOnce(&VZVirtualMachine) -> R + Send,
+    ) -> R {
+        self.try_on_queue(work).unwrap_or(fallback)
     }
 
     fn state(&self) -> VZVirtualMachineState {
         // SAFETY: read on the VM's queue.
-        self.on_queue(|machine| unsafe { machine.state() })
+        self.on_queue(VZVirtualMachineState::Stopped, |machine| unsafe {
+            machine.state()
+        })
     }
 
-    /// One attempt to connect to the guest agent's port.
-    fn try_connect(&self) -> Result<OwnedFd, String> {
+    /// One attempt to connect to the guest agent's port. The answer is
+    /// awaited until `deadline`: the guest accepts a single connection, so
+    /// one that completed after the host stopped waiting would be lost.
+    fn try_connect(&self, deadline: Instant) -> Result<OwnedFd, String> {
         let connected = Completion::new();
         let done = Arc::clone(&connected);
         let port = self.control_port;
-        self.on_queue(move |machine| {
+        self.on_queue((), move |machine| {
             // SAFETY: the socket devices are read on the VM's queue.
             let device = unsafe { machine.socketDevices() }
                 .firstObject()
@@ -191,7 +203,7 @@ impl VzVm {
             unsafe { device.connectToPort_completionHandler(port, &handler) };
         });
         connected
-            .wait(Duration::from_secs(5))
+            .wait(deadline.saturating_duration_since(Instant::now()))
             .unwrap_or_else(|| Err("no answer from the framework".into()))
     }
 
@@ -200,14 +212,16 @@ impl VzVm {
         if self.has_exited() {
             return;
         }
-        // SAFETY: called on the VM's queue.
-        let requested = self.on_queue(|machine| unsafe { machine.requestStopWithError() }.is_ok());
+        let requested = self.on_queue(false, |machine| {
+            // SAFETY: called on the VM's queue.
+            unsafe { machine.requestStopWithError() }.is_ok()
+        });
         if requested && self.wait_exit(grace) {
             return;
         }
         let stopped = Completion::new();
         let done = Arc::clone(&stopped);
-        self.on_queue(move |machine| {
+        self.on_queue((), move |machine| {
             // SAFETY: called on the VM's queue.
             if unsafe { machine.canStop() } {
                 let handler =
@@ -230,7 +244,7 @@ impl Vm for VzVm {
         loop {
             // The guest agent listens only once its modules are loaded;
             // until then the framework refuses the connection.
-            match self.try_connect() {
+            match self.try_connect(deadline) {
                 Ok(fd) => return Ok(UnixStream::from(fd)),
                 Err(reason) => tracing::trace!("control port not ready: {reason}"),
             }
@@ -270,7 +284,7 @@ impl Vm for VzVm {
     }
 
     fn console_tail(&self) -> String {
-        log_tail(&self.console_log, CONSOLE_TAIL)
+        self.console.text()
     }
 
     fn accelerator(&self) -> String {
@@ -281,5 +295,9 @@ impl Vm for VzVm {
 impl Drop for VzVm {
     fn drop(&mut self) {
         self.stop(STOP_GRACE);
+        // Release the VM object on its own queue too.
+        if let Some(machine) = self.machine.take() {
+            self.queue.exec_sync(move || drop(machine));
+        }
     }
 }

@@ -5,7 +5,7 @@ mod configuration;
 mod machine;
 
 use objc2_virtualization::{VZVirtualMachine, VZVirtualMachineConfiguration};
-use vmette_core::engine::{Check, Engine, EngineError, Vm, VmSpec};
+use vmette_core::engine::{Check, ConsoleTail, Engine, EngineError, Vm, VmSpec};
 use vmette_core::process::Watchdog;
 
 use crate::plan::{self, DevicePlan, Limits};
@@ -45,8 +45,19 @@ impl Engine for VzEngine {
         // The VM runs inside this process, so it dies with it: there is no
         // helper process for the watchdog to guard.
         let plan: DevicePlan = plan::plan(spec, &limits())?;
-        let configuration = configuration::build(&plan)?;
-        let machine = machine::VzVm::start(&configuration, &plan)?;
+        let (console_read, console_write) = std::io::pipe().map_err(|source| EngineError::Io {
+            context: "cannot create the console pipe".into(),
+            source,
+        })?;
+        let console =
+            ConsoleTail::capture(console_read, machine::CONSOLE_TAIL).map_err(|source| {
+                EngineError::Io {
+                    context: "cannot read the guest console".into(),
+                    source,
+                }
+            })?;
+        let configuration = configuration::build(&plan, console_write.into())?;
+        let machine = machine::VzVm::start(&configuration, &plan, console)?;
         Ok(Box::new(machine))
     }
 
