@@ -66,7 +66,9 @@ pub enum Stdin {
     /// `/dev/null`.
     #[default]
     Null,
-    /// This process's stdin, forwarded until end-of-file.
+    /// This process's stdin, forwarded until end-of-file. The thread that
+    /// reads it cannot be interrupted: if the run ends first, it lives on,
+    /// blocked, until this process's stdin yields data or end-of-file.
     Inherit,
     /// These bytes, then end-of-file.
     Bytes(Vec<u8>),
