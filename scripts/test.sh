@@ -19,6 +19,9 @@ cargo fmt --all --check
 say "cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 
+say "cargo doc (broken doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --exclude vmette-guest --quiet
+
 # Targets the tests need besides the host's and the guest's.
 for target in aarch64-apple-darwin aarch64-unknown-linux-musl; do
     rustup target list --installed | grep -qx "$target" || rustup target add "$target"

@@ -109,7 +109,7 @@ impl<'a> Runner<'a> {
     }
 
     /// Signal numbers received here are forwarded to the guest command; if
-    /// it has not ended [`INTERRUPT_GRACE`] later, the VM is torn down and
+    /// it has not ended two seconds later, the VM is torn down and
     /// the run reports [`RunStatus::Interrupted`].
     pub fn interrupts(mut self, interrupts: Receiver<i32>) -> Runner<'a> {
         self.interrupts = Some(interrupts);
