@@ -6,7 +6,9 @@
 //! As root, `mmdebstrap` writes a directory directly. As an ordinary user it
 //! runs in `unshare` mode and writes a tarball; the tree is then unpacked
 //! and packed inside a user namespace mapped with the user's subordinate
-//! ids, so file ownership inside the image is still right.
+//! ids, so file ownership inside the image is still right. Device nodes
+//! cannot be made there and are left out: the guest mounts devtmpfs over
+//! `/dev` anyway.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -69,7 +71,7 @@ pub fn build_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, 
         progress.step("packing the erofs image");
         run(tool("unshare")
             .args(["--map-auto", "--map-root-user", "--", "sh", "-euc"])
-            .arg("mkdir tree && tar -xf rootfs.tar -C tree && mkfs.erofs --quiet image.erofs tree && rm -rf tree")
+            .arg("mkdir tree && tar --exclude='./dev/*' -xf rootfs.tar -C tree && mkfs.erofs --quiet image.erofs tree && rm -rf tree")
             .current_dir(work.path()))?;
         fs::rename(work.path().join("image.erofs"), &image)
             .map_err(AssetError::io("cannot move the packed image"))?;

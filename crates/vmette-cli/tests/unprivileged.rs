@@ -1,7 +1,8 @@
 //! vmette needs no root to run (issue 3, point 9). When the suite runs as
 //! root, this test creates an ordinary user, gives it an installed copy of
-//! vmette and of the boot assets set-up made, and runs VMs as that user,
-//! including a read-write share served by virtiofsd in a user namespace.
+//! vmette, and as that user runs `vmette setup` (kernel and default image
+//! into the user's own cache) and then VMs, including a read-write share
+//! served by virtiofsd in a user namespace.
 //! When the suite already runs as an ordinary user, it runs the same VMs
 //! directly.
 
@@ -68,16 +69,6 @@ fn an_ordinary_user_runs_vms_and_shares() {
     let agent = vmette::assets::guest_agent::locate().expect("guest agent");
     std::fs::copy(agent, prefix.join("lib/vmette/vmette-guest")).expect("copy agent");
 
-    // The user's own cache, as `vmette setup` would have left it.
-    let cache = vmette::assets::Cache::locate().expect("root's cache");
-    let user_cache = root.join("cache/vmette");
-    std::fs::create_dir_all(&user_cache).expect("mkdir");
-    for part in ["kernel", "images"] {
-        sh(Command::new("cp")
-            .args(["-a", "--reflink=auto"])
-            .arg(cache.root().join(part))
-            .arg(&user_cache));
-    }
     let tmp = root.join("tmp");
     let share = root.join("share");
     std::fs::create_dir_all(&tmp).expect("mkdir");
@@ -108,8 +99,18 @@ fn an_ordinary_user_runs_vms_and_shares() {
         output
     };
 
-    let output = as_user(&["run", "--", "true"]);
+    // The user's own set-up: the kernel fetched with apt-get download, the
+    // default image built by mmdebstrap in unshare mode and packed in a
+    // user namespace. Then a VM from it.
+    let output = as_user(&["setup"]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    let output = as_user(&["run", "--", "sh", "-c", "stat -c %u:%g:%a /usr/bin/su"]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    assert_eq!(
+        support::stdout(&output),
+        "0:0:4755\n",
+        "ownership and modes inside the user-built image"
+    );
 
     let share_arg = format!("{}:/out:rw", share.display());
     let output = as_user(&[
