@@ -45,19 +45,6 @@ impl Cache {
 
     /// Total bytes of regular files under the cache.
     pub fn size_bytes(&self) -> u64 {
-        fn walk(dir: &Path) -> u64 {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return 0;
-            };
-            entries
-                .flatten()
-                .map(|entry| match entry.file_type() {
-                    Ok(t) if t.is_dir() => walk(&entry.path()),
-                    Ok(t) if t.is_file() => entry.metadata().map(|m| m.len()).unwrap_or(0),
-                    _ => 0,
-                })
-                .sum()
-        }
-        walk(&self.root)
+        crate::inventory::tree_size(&self.root)
     }
 }

@@ -45,23 +45,12 @@ pub fn ensure(
     let wanted: Vec<&str> = GUEST_MODULES.iter().chain(extra_modules).copied().collect();
     let agent_bytes =
         fs::read(agent).map_err(AssetError::io(format!("cannot read {}", agent.display())))?;
-    let modules_dir = kernel.modules.as_deref();
-    let mut hasher = Sha256::new();
-    hasher.update(LAYOUT_VERSION);
-    hasher.update(&agent_bytes);
-    hasher.update(kernel.release.as_bytes());
-    hasher.update(
-        modules_dir
-            .map(|d| d.as_os_str().as_encoded_bytes())
-            .unwrap_or(b"-"),
-    );
-    hasher.update(wanted.join(",").as_bytes());
-    let key = hex::encode(hasher.finalize());
-    let dir = cache.dir("initramfs")?;
-    let path = dir.join(format!("{}.cpio", &key[..32]));
+    let path = cache_path(cache, kernel, &agent_bytes, &wanted);
     if path.is_file() {
         return Ok(path);
     }
+    let modules_dir = kernel.modules.as_deref();
+    let dir = cache.dir("initramfs")?;
 
     let modules = match modules_dir {
         Some(tree) => resolve_load_order(tree, &wanted)?,
@@ -96,6 +85,41 @@ pub fn ensure(
         source: e.error,
     })?;
     Ok(path)
+}
+
+/// Where the initramfs for `agent` and `kernel` with [`GUEST_MODULES`] and
+/// `extra_modules` is kept, whether it was built yet or not.
+pub fn path_for(
+    cache: &Cache,
+    kernel: &Kernel,
+    agent: &Path,
+    extra_modules: &[&str],
+) -> Result<PathBuf, AssetError> {
+    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(extra_modules).copied().collect();
+    let agent_bytes =
+        fs::read(agent).map_err(AssetError::io(format!("cannot read {}", agent.display())))?;
+    Ok(cache_path(cache, kernel, &agent_bytes, &wanted))
+}
+
+/// The cache file named by the hash of everything that goes in.
+fn cache_path(cache: &Cache, kernel: &Kernel, agent_bytes: &[u8], wanted: &[&str]) -> PathBuf {
+    let mut hasher = Sha256::new();
+    hasher.update(LAYOUT_VERSION);
+    hasher.update(agent_bytes);
+    hasher.update(kernel.release.as_bytes());
+    hasher.update(
+        kernel
+            .modules
+            .as_deref()
+            .map(|d| d.as_os_str().as_encoded_bytes())
+            .unwrap_or(b"-"),
+    );
+    hasher.update(wanted.join(",").as_bytes());
+    let key = hex::encode(hasher.finalize());
+    cache
+        .root()
+        .join("initramfs")
+        .join(format!("{}.cpio", &key[..32]))
 }
 
 /// Orders `wanted` and everything they depend on so that each module comes

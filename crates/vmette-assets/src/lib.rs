@@ -22,6 +22,7 @@ pub mod guest_agent;
 pub mod host_tool;
 pub mod image;
 pub mod initramfs;
+pub mod inventory;
 pub mod kernel;
 mod modinfo;
 mod progress;

@@ -41,6 +41,12 @@ pub enum Command {
     /// Fetch the kernel and build the initramfs and default image now.
     #[command(after_help = "Examples:\n  vmette setup\n  vmette setup --rebuild-image")]
     Setup(SetupArgs),
+    /// List or prune the cache of kernels, initramfs archives and images.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  vmette cache list\n  vmette cache prune --dry-run"
+    )]
+    Cache(CacheCommand),
     /// Check what vmette needs on this host and say how to fix what is missing.
     #[command(after_help = "Examples:\n  vmette doctor\n  vmette doctor --json")]
     Doctor(JsonArgs),
@@ -113,6 +119,24 @@ pub struct SetupArgs {
     /// Build the default image again even if it exists.
     #[arg(long)]
     pub rebuild_image: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Show every entry of the cache with its size.
+    List(JsonArgs),
+    /// Remove old kernels, stale initramfs archives and unfinished work.
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Say what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON for programs instead of text for people.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

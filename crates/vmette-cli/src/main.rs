@@ -6,6 +6,7 @@
 //! guest command's.
 
 mod args;
+mod cache;
 mod doctor;
 mod progress;
 mod run;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         args::Command::Run(args) => run::run(*args, cli.quiet, cli.verbose),
         args::Command::Setup(args) => setup::setup(&args, cli.quiet),
+        args::Command::Cache(command) => cache::cache(command),
         args::Command::Doctor(args) => doctor::doctor(args.json),
         args::Command::Version(args) => version(args.json),
     };
