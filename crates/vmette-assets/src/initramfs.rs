@@ -34,6 +34,72 @@ pub const GUEST_MODULES: &[&str] = &[
 /// Bump when the archive's layout changes, to invalidate cached archives.
 const LAYOUT_VERSION: &str = "vmette-initramfs-1";
 
+/// Everything that goes into an initramfs.
+struct Inputs<'a> {
+    kernel: &'a Kernel,
+    agent: Vec<u8>,
+    wanted: Vec<&'a str>,
+}
+
+impl<'a> Inputs<'a> {
+    fn read(
+        kernel: &'a Kernel,
+        agent: &Path,
+        extra_modules: &[&'a str],
+    ) -> Result<Self, AssetError> {
+        Ok(Inputs {
+            kernel,
+            agent: fs::read(agent)
+                .map_err(AssetError::io(format!("cannot read {}", agent.display())))?,
+            wanted: GUEST_MODULES.iter().chain(extra_modules).copied().collect(),
+        })
+    }
+
+    /// The cache file named by the hash of everything that goes in.
+    fn cache_path(&self, cache: &Cache) -> PathBuf {
+        let mut hasher = Sha256::new();
+        hasher.update(LAYOUT_VERSION);
+        hasher.update(&self.agent);
+        hasher.update(self.kernel.release.as_bytes());
+        hasher.update(
+            self.kernel
+                .modules
+                .as_deref()
+                .map(|d| d.as_os_str().as_encoded_bytes())
+                .unwrap_or(b"-"),
+        );
+        hasher.update(self.wanted.join(",").as_bytes());
+        let key = hex::encode(hasher.finalize());
+        cache
+            .root()
+            .join("initramfs")
+            .join(format!("{}.cpio", &key[..32]))
+    }
+
+    /// The archive's bytes.
+    fn archive(&self) -> Result<Vec<u8>, AssetError> {
+        let modules = match self.kernel.modules.as_deref() {
+            Some(tree) => resolve_load_order(tree, &self.wanted)?,
+            None => Vec::new(),
+        };
+        let mut archive = Archive::default();
+        for dir in ["dev", "proc", "sys", "lib", "lib/modules", "vmette", "tmp"] {
+            archive.directory(dir);
+        }
+        archive.char_device("dev/console", 5, 1);
+        archive.file("init", 0o755, &self.agent);
+        let mut order = String::new();
+        for (name, file) in &modules {
+            let bytes = fs::read(file)
+                .map_err(AssetError::io(format!("cannot read {}", file.display())))?;
+            archive.file(&format!("lib/modules/{name}.ko"), 0o644, &bytes);
+            order.push_str(&format!("{name}.ko\n"));
+        }
+        archive.file("vmette/modules", 0o644, order.as_bytes());
+        Ok(archive.finish())
+    }
+}
+
 /// The cached initramfs for `agent` and `kernel` with [`GUEST_MODULES`]
 /// and `extra_modules`, built if missing.
 pub fn ensure(
@@ -42,36 +108,13 @@ pub fn ensure(
     agent: &Path,
     extra_modules: &[&str],
 ) -> Result<PathBuf, AssetError> {
-    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(extra_modules).copied().collect();
-    let agent_bytes =
-        fs::read(agent).map_err(AssetError::io(format!("cannot read {}", agent.display())))?;
-    let path = cache_path(cache, kernel, &agent_bytes, &wanted);
+    let inputs = Inputs::read(kernel, agent, extra_modules)?;
+    let path = inputs.cache_path(cache);
     if path.is_file() {
         return Ok(path);
     }
-    let modules_dir = kernel.modules.as_deref();
+    let bytes = inputs.archive()?;
     let dir = cache.dir("initramfs")?;
-
-    let modules = match modules_dir {
-        Some(tree) => resolve_load_order(tree, &wanted)?,
-        None => Vec::new(),
-    };
-    let mut archive = Archive::default();
-    for dir in ["dev", "proc", "sys", "lib", "lib/modules", "vmette", "tmp"] {
-        archive.directory(dir);
-    }
-    archive.char_device("dev/console", 5, 1);
-    archive.file("init", 0o755, &agent_bytes);
-    let mut order = String::new();
-    for (name, file) in &modules {
-        let bytes =
-            fs::read(file).map_err(AssetError::io(format!("cannot read {}", file.display())))?;
-        archive.file(&format!("lib/modules/{name}.ko"), 0o644, &bytes);
-        order.push_str(&format!("{name}.ko\n"));
-    }
-    archive.file("vmette/modules", 0o644, order.as_bytes());
-    let bytes = archive.finish();
-
     let mut temp = tempfile::NamedTempFile::new_in(&dir)
         .map_err(AssetError::io("cannot create the initramfs"))?;
     temp.write_all(&bytes)
@@ -95,31 +138,7 @@ pub fn path_for(
     agent: &Path,
     extra_modules: &[&str],
 ) -> Result<PathBuf, AssetError> {
-    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(extra_modules).copied().collect();
-    let agent_bytes =
-        fs::read(agent).map_err(AssetError::io(format!("cannot read {}", agent.display())))?;
-    Ok(cache_path(cache, kernel, &agent_bytes, &wanted))
-}
-
-/// The cache file named by the hash of everything that goes in.
-fn cache_path(cache: &Cache, kernel: &Kernel, agent_bytes: &[u8], wanted: &[&str]) -> PathBuf {
-    let mut hasher = Sha256::new();
-    hasher.update(LAYOUT_VERSION);
-    hasher.update(agent_bytes);
-    hasher.update(kernel.release.as_bytes());
-    hasher.update(
-        kernel
-            .modules
-            .as_deref()
-            .map(|d| d.as_os_str().as_encoded_bytes())
-            .unwrap_or(b"-"),
-    );
-    hasher.update(wanted.join(",").as_bytes());
-    let key = hex::encode(hasher.finalize());
-    cache
-        .root()
-        .join("initramfs")
-        .join(format!("{}.cpio", &key[..32]))
+    Ok(Inputs::read(kernel, agent, extra_modules)?.cache_path(cache))
 }
 
 /// Orders `wanted` and everything they depend on so that each module comes
