@@ -19,9 +19,16 @@ Exit status: the command's own code; 128+N if it died of signal N;
 124 on timeout; 125 if vmette failed before the command ran;
 126/127 if the command could not be started or was not found.";
 
+const EXAMPLES: &str = "\
+Examples:
+  vmette run -- uname -a
+  vmette run --share .:/work:rw --workdir /work -- make test
+  vmette doctor
+  vmette cache prune --dry-run";
+
 /// Run commands in throwaway, hardware-isolated Linux microVMs.
 #[derive(Debug, Parser)]
-#[command(name = "vmette", version, about, propagate_version = true)]
+#[command(name = "vmette", version, about, propagate_version = true, after_help = EXAMPLES)]
 pub struct Cli {
     /// Print only errors from vmette itself.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
