@@ -44,9 +44,3 @@ pub fn run(command: &mut Command) -> Result<Output, AssetError> {
     }
     Ok(output)
 }
-
-/// True when this process runs as root, so tools need no user namespace.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}

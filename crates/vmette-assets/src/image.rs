@@ -13,7 +13,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::command::{is_root, run, tool};
+use crate::command::{run, tool};
+use crate::host_tool::is_root;
 use crate::{AssetError, Cache, Progress};
 
 /// File name of the default image in the cache's `images/` directory.

@@ -83,6 +83,18 @@ fn explain(error: vmette::Error, verbose: u8) -> anyhow::Error {
     anyhow::Error::new(error)
 }
 
+/// Parses every value of a repeatable flag; the first bad one is the error.
+fn parse_each<T>(
+    values: &[String],
+    parse: fn(&str) -> Result<T, String>,
+) -> anyhow::Result<Vec<T>> {
+    values
+        .iter()
+        .map(|value| parse(value))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)
+}
+
 fn config_from(args: RunArgs) -> anyhow::Result<Config> {
     let command = match (&args.sh, args.command.is_empty()) {
         (Some(line), _) => vec!["/bin/sh".to_string(), "-c".to_string(), line.clone()],
@@ -90,24 +102,9 @@ fn config_from(args: RunArgs) -> anyhow::Result<Config> {
         (None, true) => bail!("no command given; put it after --, e.g. vmette run -- uname -a"),
     };
     let mut config = Config::new(command);
-    config.env = args
-        .env
-        .iter()
-        .map(|e| values::env_pair(e))
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    config.shares = args
-        .share
-        .iter()
-        .map(|s| values::share(s))
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    config.disks = args
-        .disk
-        .iter()
-        .map(|d| values::disk(d))
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
+    config.env = parse_each(&args.env, values::env_pair)?;
+    config.shares = parse_each(&args.share, values::share)?;
+    config.disks = parse_each(&args.disk, values::disk)?;
     config.workdir = args.workdir;
     config.timeout = args
         .timeout

@@ -122,15 +122,15 @@ impl<'a> Runner<'a> {
         let limit = config.capture_limit;
         let mut stdout = Capture::new(limit);
         let mut stderr = Capture::new(limit);
-        let mut status = self.run_streaming(config, &mut |stream, data| match stream {
+        let mut output = self.run_streaming(config, &mut |stream, data| match stream {
             OutputStream::Stdout => stdout.push(data),
             OutputStream::Stderr => stderr.push(data),
         })?;
-        status.stdout = stdout.bytes;
-        status.stdout_truncated = stdout.truncated;
-        status.stderr = stderr.bytes;
-        status.stderr_truncated = stderr.truncated;
-        Ok(status)
+        output.stdout = stdout.bytes;
+        output.stdout_truncated = stdout.truncated;
+        output.stderr = stderr.bytes;
+        output.stderr_truncated = stderr.truncated;
+        Ok(output)
     }
 
     /// Runs `config`, handing each chunk of output to `sink` as the guest

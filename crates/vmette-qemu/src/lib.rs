@@ -103,7 +103,7 @@ impl Engine for QemuEngine {
                 "cargo install virtiofsd --locked --root /usr/local (or run ./setup.sh)",
             ),
         ];
-        if !virtiofsd::is_root() {
+        if !host_tool::is_root() {
             checks.push(program_check(
                 "unshare",
                 host_tool::locate("unshare"),

@@ -15,16 +15,12 @@ use std::time::{Duration, Instant};
 use vmette_core::engine::{EngineError, ShareSpec};
 use vmette_core::process::{spawn_helper, HelperProcess, Watchdog};
 
+use vmette_core::assets::host_tool;
+
 use crate::find;
 
 /// How long virtiofsd gets to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
-
-/// True when running as root.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// Starts virtiofsd for `share`, listening on `socket`, and waits for the
 /// socket to appear.
@@ -41,12 +37,11 @@ pub fn start(
             "not installed; run ./setup.sh or `cargo install virtiofsd --locked`",
         ),
     })?;
-    let mut command = if is_root() {
+    let mut command = if host_tool::is_root() {
         Command::new(&program)
     } else {
-        let mut wrapper = Command::new(
-            vmette_core::assets::host_tool::locate("unshare").unwrap_or_else(|| "unshare".into()),
-        );
+        let mut wrapper =
+            Command::new(host_tool::locate("unshare").unwrap_or_else(|| "unshare".into()));
         wrapper.arg("--map-root-user");
         if has_subordinate_ids() {
             wrapper.arg("--map-auto");

@@ -88,10 +88,7 @@ impl QemuVm {
     fn early_exit(&self) -> EngineError {
         EngineError::EarlyExit {
             program: qemu_program().into(),
-            output: std::fs::read_to_string(&self.qemu_log)
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
+            output: log_tail(&self.qemu_log, QEMU_LOG_TAIL).trim().to_string(),
         }
     }
 }
