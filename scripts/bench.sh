@@ -5,17 +5,21 @@
 # arguments vmette uses. Prints both medians and their ratio (target <= 1.3).
 #
 #   scripts/bench.sh [RUNS]        (default 10 runs each, after 1 warm-up)
+#
+# VMETTE_BENCH_QEMU replaces the floor's qemu-system-x86_64 (the tests use a
+# stand-in that writes more after the marker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=${1:-10}
+qemu=${VMETTE_BENCH_QEMU:-qemu-system-x86_64}
 vmette=${VMETTE:-target/release/vmette}
 [ -x "$vmette" ] || { echo "bench: build first (./setup.sh)" >&2; exit 125; }
 command -v hyperfine >/dev/null || { echo "bench: hyperfine is missing; run ./setup.sh" >&2; exit 125; }
 
 cache=${VMETTE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmette}
-kernel=$(ls -1 "$cache"/kernel/*/boot/vmlinuz-* 2>/dev/null | sort | tail -n 1)
-[ -n "$kernel" ] || { echo "bench: no kernel in $cache; run vmette setup" >&2; exit 125; }
+kernel=$(printf '%s\n' "$cache"/kernel/*/boot/vmlinuz-* | sort | tail -n 1)
+[ -f "$kernel" ] || { echo "bench: no kernel in $cache; run vmette setup" >&2; exit 125; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -30,10 +34,13 @@ chmod +x "$work/initrd/init"
 
 tsc_khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000 + 0.5; exit }' /proc/cpuinfo)
 cmdline="console=ttyS0 quiet panic=-1 pci=off mitigations=off rdinit=/init tsc_early_khz=$tsc_khz tsc=reliable no_timer_check lpj=5000000"
-floor="qemu-system-x86_64 -M microvm -nodefaults -no-user-config -no-reboot -display none -accel tcg -smp 1 -m 512M -kernel $kernel -initrd $work/floor.cpio -append '$cmdline' -serial stdio"
+floor="$qemu -M microvm -nodefaults -no-user-config -no-reboot -display none -accel tcg -smp 1 -m 512M -kernel $kernel -initrd $work/floor.cpio -append '$cmdline' -serial stdio"
 
 # Both must really work before they are timed.
-eval "$floor" | grep -q floor-ok || { echo "bench: the floor VM did not boot" >&2; exit 1; }
+# The whole console goes to a file first: a reader that stops at the marker
+# would leave QEMU writing into a closed pipe.
+eval "$floor" > "$work/floor.log" || { echo "bench: the floor VM failed (exit $?)" >&2; exit 1; }
+grep -q floor-ok "$work/floor.log" || { echo "bench: the floor VM did not boot" >&2; exit 1; }
 "$vmette" run -- true
 
 hyperfine --style basic --warmup 1 --runs "$runs" --export-json "$work/result.json" \

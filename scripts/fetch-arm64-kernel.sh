@@ -10,8 +10,8 @@ set -euo pipefail
 cache=${1:?usage: fetch-arm64-kernel.sh CACHE_DIR}
 mirror=${VMETTE_DEBIAN_MIRROR:-https://deb.debian.org/debian}
 
-existing=$(ls -d "$cache"/kernel/*-cloud-arm64 2>/dev/null | sort | tail -n 1 || true)
-if [ -n "$existing" ] && [ -f "$existing/.complete" ]; then
+existing=$(printf '%s\n' "$cache"/kernel/*-cloud-arm64 | sort | tail -n 1)
+if [ -f "$existing/.complete" ]; then
     echo "$existing"
     exit 0
 fi
@@ -19,8 +19,9 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 curl -fsSL "$mirror/dists/bookworm/main/binary-arm64/Packages.gz" | gunzip > "$work/Packages"
-package=$(awk -F': ' '$1=="Package"{p=$2} p=="linux-image-cloud-arm64" && $1=="Depends"{print $2; exit}' "$work/Packages" \
-    | tr ',' '\n' | grep -o 'linux-image-[^ ]*' | head -n 1)
+# The metapackage's first dependency names the real kernel package.
+package=$(awk -F': ' '$1=="Package"{p=$2} p=="linux-image-cloud-arm64" && $1=="Depends"{
+        if (match($2, /linux-image-[^ ,]*/)) print substr($2, RSTART, RLENGTH); exit }' "$work/Packages")
 file=$(awk -F': ' -v want="$package" '$1=="Package"{p=$2} p==want && $1=="Filename"{print $2; exit}' "$work/Packages")
 if [ -z "$package" ] || [ -z "$file" ]; then
     echo "fetch-arm64-kernel.sh: no arm64 cloud kernel in the index at $mirror" >&2

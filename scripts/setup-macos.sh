@@ -5,7 +5,8 @@
 #      virtualization entitlement, installs both into ~/.local,
 #   3. fetches Debian's arm64 cloud kernel into the cache (no apt on macOS:
 #      the package index and .deb come from a Debian mirror, unpacked with
-#      ar and tar), then runs a sample VM if a root image is available.
+#      ar and tar), and prepares the initramfs if a root image is available.
+#      The README's first command runs the sample VM after this.
 # Idempotent. Not verified on a Mac by the project's CI, which type-checks
 # the engine from Linux only.
 set -euo pipefail
@@ -17,7 +18,7 @@ prefix=${VMETTE_PREFIX:-$HOME/.local}
 cache=${VMETTE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vmette}
 guest_target=aarch64-unknown-linux-musl
 
-if ! rustup target list --installed | grep -qx "$guest_target"; then
+if ! grep -qx "$guest_target" <<<"$(rustup target list --installed)"; then
     say "adding the Rust target $guest_target"
     rustup target add "$guest_target"
 fi
@@ -35,10 +36,6 @@ scripts/fetch-arm64-kernel.sh "$cache" >/dev/null
 
 if [ -f "$cache/images/debian-bookworm-minbase.erofs" ]; then
     "$prefix/bin/vmette" setup
-    if [ "${1:-}" != "--no-sample" ]; then
-        say "sample run: vmette run -- uname -a"
-        "$prefix/bin/vmette" run -- uname -a
-    fi
 else
     say "no default root image: mmdebstrap does not run on macOS. Build an arm64 image on Linux"
     say "(mmdebstrap --architectures=arm64 --variant=minbase bookworm tree && mkfs.erofs image.erofs tree)"

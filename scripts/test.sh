@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run). Runs the idempotent set-up first, so
 # it works on a fresh machine by itself, then:
+#   a shellcheck pass and a check for pipes that race under pipefail;
 #   formatting and lints; the macOS engine type-checked from Linux and the
 #   arm64 guest agent built; unit tests; end-to-end tests on real microVMs
 #   (including runs as an unprivileged user); a check that nothing was left
@@ -10,8 +11,14 @@ cd "$(dirname "$0")/.."
 
 say() { printf '==> %s\n' "$*" >&2; }
 
-./setup.sh --no-sample --with-test-tools
+./setup.sh --with-test-tools
 export PATH="/usr/local/bin:$HOME/.local/bin:$PATH"
+
+say "shellcheck and the pipefail check over every tracked script"
+mapfile -t scripts < <(git ls-files '*.sh' .ci/run)
+shellcheck "${scripts[@]}"
+scripts/check-pipelines.sh --self-test
+scripts/check-pipelines.sh "${scripts[@]}"
 
 say "cargo fmt --check"
 cargo fmt --all --check
@@ -24,7 +31,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --exclude vmette-gues
 
 # Targets the tests need besides the host's and the guest's.
 for target in aarch64-apple-darwin aarch64-unknown-linux-musl; do
-    rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+    grep -qx "$target" <<<"$(rustup target list --installed)" || rustup target add "$target"
 done
 
 say "macOS engine: cargo clippy --target aarch64-apple-darwin"
@@ -62,6 +69,17 @@ if [ -n "$leftovers" ] || [ -n "$dirs" ]; then
     printf '%s\n' "$leftovers" "$dirs" >&2
     exit 1
 fi
+
+say "start-up benchmark: the floor's check with a QEMU that keeps writing after the marker"
+chatty=$(mktemp -d)
+trap 'rm -rf "$chatty"' EXIT
+cat > "$chatty/qemu" <<'STUB'
+#!/bin/sh
+qemu-system-x86_64 "$@" || exit
+seq 1 200000
+STUB
+chmod +x "$chatty/qemu"
+VMETTE_BENCH_QEMU="$chatty/qemu" scripts/bench.sh 1 >/dev/null
 
 say "start-up benchmark"
 scripts/bench.sh 5
