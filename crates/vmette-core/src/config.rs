@@ -86,7 +86,12 @@ pub enum Accel {
     Emulation,
 }
 
-/// A one-shot run: boot a VM, run one command, power off.
+/// A VM to boot: the machine, and for a one-shot run its one command.
+///
+/// [`crate::Session::start`] uses the machine fields only; a session's
+/// commands come as [`crate::ExecSpec`]s. A one-shot run
+/// ([`crate::Runner::run`]) is a session with one exec made of `command`,
+/// `env`, `workdir` and `stdin`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Program and arguments to run in the guest.
@@ -106,8 +111,11 @@ pub struct Config {
     /// Size of an ephemeral ext4 disk holding the root's writable layer,
     /// in MiB; `None` keeps the layer in guest memory.
     pub scratch_mib: Option<u64>,
-    /// Kill the VM after this long; the run then reports a timeout.
+    /// Kill the VM after this long: a run then reports a timeout, a session
+    /// ends with [`crate::EndReason::SessionTimeout`].
     pub timeout: Option<Duration>,
+    /// End a session after this long with no exec running; `None` never.
+    pub idle_timeout: Option<Duration>,
     /// Virtual CPUs.
     pub vcpus: u8,
     /// Guest memory, MiB.
@@ -142,6 +150,7 @@ impl Config {
             disks: Vec::new(),
             scratch_mib: None,
             timeout: None,
+            idle_timeout: None,
             vcpus: 1,
             memory_mib: DEFAULT_MEMORY_MIB,
             kernel: None,
@@ -152,9 +161,21 @@ impl Config {
         }
     }
 
+    /// A machine with every setting at its default and no command, for
+    /// [`crate::Session::start`].
+    pub fn default_machine() -> Config {
+        Config::new(Vec::<String>::new())
+    }
+
     /// Checks every field; the first problem found is returned as
     /// [`Error::InvalidConfig`].
     pub fn validate(&self) -> Result<(), Error> {
+        self.validate_command()?;
+        self.validate_machine()
+    }
+
+    /// Checks the fields of the one-shot run's command.
+    fn validate_command(&self) -> Result<(), Error> {
         if self.command.is_empty() || self.command[0].is_empty() {
             return invalid("command", "no command given");
         }
@@ -177,6 +198,12 @@ impl Config {
                 return invalid("workdir", format!("{dir} is not an absolute path"));
             }
         }
+        Ok(())
+    }
+
+    /// Checks the fields that describe the machine, which is all a
+    /// [`crate::Session`] uses.
+    pub fn validate_machine(&self) -> Result<(), Error> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return invalid("vcpus", format!("must be 1 to {MAX_VCPUS}"));
         }
@@ -193,6 +220,9 @@ impl Config {
             if timeout.is_zero() {
                 return invalid("timeout", "must be longer than zero");
             }
+        }
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            return invalid("idle timeout", "must be longer than zero");
         }
         if let Some(mib) = self.scratch_mib {
             if mib < MIN_SCRATCH_MIB {

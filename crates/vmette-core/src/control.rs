@@ -10,15 +10,15 @@
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use vmette_proto::{
-    read_frame, write_frame, ExecId, FrameError, GuestMessage, HostMessage, MAX_CHUNK_LEN,
-    STDIN_WINDOW,
+    read_frame, write_frame, FrameError, GuestMessage, HostMessage, MAX_CHUNK_LEN, STDIN_WINDOW,
 };
 
+use crate::session::ExecStdin;
 use crate::Error;
 
 /// How long one write to the guest may block before the channel counts as
@@ -41,8 +41,6 @@ pub enum Event {
     Closed(Option<FrameError>),
     /// The guest sent a message that fails validation.
     Invalid(String),
-    /// The caller asked to interrupt the run with this signal.
-    Interrupt(i32),
 }
 
 /// Queues host messages for the writer thread; cheap to clone, never blocks.
@@ -130,7 +128,7 @@ struct WindowState {
 
 impl StdinWindow {
     /// Waits for room for `bytes`; `false` once the window is closed.
-    fn reserve(&self, bytes: usize) -> bool {
+    pub(crate) fn reserve(&self, bytes: usize) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while !state.closed && state.in_flight + bytes > STDIN_WINDOW {
             state = self
@@ -166,25 +164,10 @@ impl StdinWindow {
     }
 }
 
-/// Closes a [`StdinWindow`] when dropped, so the pump stops on every way
-/// out of a run.
-pub struct CloseOnDrop(pub Arc<StdinWindow>);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close();
-    }
-}
-
-/// Forwards `source` to the exec's stdin in windowed chunks, then sends
+/// Forwards `source` to an exec's stdin in windowed chunks, then sends
 /// end-of-file. Runs on its own thread: a source that blocks for ever (a
 /// terminal, a pipe nobody closes) blocks only this thread, never the run.
-pub fn pump_stdin(
-    id: ExecId,
-    mut source: impl Read + Send + 'static,
-    sender: ControlSender,
-    window: Arc<StdinWindow>,
-) {
+pub fn pump_stdin(mut source: impl Read + Send + 'static, stdin: ExecStdin) {
     let spawned = thread::Builder::new()
         .name("vmette-stdin".into())
         .spawn(move || {
@@ -196,18 +179,11 @@ pub fn pump_stdin(
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(_) => break,
                 };
-                if !window.reserve(n) {
-                    return;
-                }
-                let chunk = HostMessage::Stdin {
-                    id,
-                    data: buf[..n].to_vec(),
-                };
-                if sender.send(chunk).is_err() {
+                if stdin.write_all(&buf[..n]).is_err() {
                     return;
                 }
             }
-            let _ = sender.send(HostMessage::StdinEof { id });
+            let _ = stdin.close();
         });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the stdin thread: {e}");

@@ -109,6 +109,10 @@ pub trait Vm: Send {
     /// Stops the machine at once.
     fn kill(&mut self);
 
+    /// `true` once the machine has stopped because the guest powered it
+    /// off, rather than because it crashed or was killed.
+    fn powered_off_by_guest(&mut self) -> bool;
+
     /// The end of the guest's console output, for error reports.
     fn console_tail(&self) -> String;
 

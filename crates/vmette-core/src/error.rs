@@ -40,6 +40,9 @@ pub enum Error {
     /// The control channel to the guest failed.
     #[error("the control channel to the guest failed")]
     Channel(#[source] FrameError),
+    /// The session ended, so it can run nothing more.
+    #[error("the session has ended: {0}")]
+    SessionEnded(crate::EndReason),
     /// A host-side file or process operation failed.
     #[error("{context}")]
     Io {
@@ -62,7 +65,10 @@ impl Error {
     /// a bad config or missing file is not.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::InvalidConfig { .. } | Error::Assets(_) | Error::Protocol(_) => false,
+            Error::InvalidConfig { .. }
+            | Error::Assets(_)
+            | Error::Protocol(_)
+            | Error::SessionEnded(_) => false,
             Error::StartFailed(_)
             | Error::BootFailed { .. }
             | Error::Channel(_)

@@ -22,6 +22,8 @@ pub mod engine;
 mod error;
 pub mod process;
 mod run;
+mod session;
+pub mod tree;
 
 pub use config::{
     Accel, Config, Disk, Rootfs, Share, Stdin, DEFAULT_CAPTURE_LIMIT, DEFAULT_MEMORY_MIB,
@@ -29,6 +31,11 @@ pub use config::{
 };
 pub use engine::{Check, Engine, EngineError, Vm, VmSpec};
 pub use error::Error;
-pub use run::{OutputStream, RunOutput, RunStatus, Runner};
+pub use run::{RunOutput, RunStatus, Runner};
+pub use session::{
+    EndReason, Exec, ExecEvent, ExecOutput, ExecSpec, ExecStatus, ExecStdin, Session, StopHandle,
+    BOOT_TIMEOUT, STOP_GRACE,
+};
 pub use vmette_assets as assets;
 pub use vmette_proto::PROTOCOL_VERSION;
+pub use vmette_proto::{OutputStream, PtySize};

@@ -238,6 +238,8 @@ pub struct HelperProcess {
     name: String,
     child: Child,
     exited: bool,
+    /// It exited by itself with status 0.
+    succeeded: bool,
 }
 
 /// Spawns `command` as a helper of the run that `watchdog` guards: in its
@@ -262,6 +264,7 @@ pub fn spawn_helper(
         name: name.to_string(),
         child,
         exited: false,
+        succeeded: false,
     })
 }
 
@@ -284,9 +287,21 @@ impl HelperProcess {
     /// `true` once the helper has exited.
     pub fn has_exited(&mut self) -> bool {
         if !self.exited {
-            self.exited = matches!(self.child.try_wait(), Ok(Some(_)) | Err(_));
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.exited = true;
+                    self.succeeded = status.success();
+                }
+                Ok(None) => {}
+                Err(_) => self.exited = true,
+            }
         }
         self.exited
+    }
+
+    /// `true` once the helper has exited by itself with status 0.
+    pub fn exited_successfully(&mut self) -> bool {
+        self.has_exited() && self.succeeded
     }
 
     /// Waits up to `timeout` for the helper to exit by itself.

@@ -7,20 +7,32 @@
 //! child with `WNOWAIT`, then takes the table lock that every spawn holds,
 //! and only then reaps. Each exec's status goes to its own finisher thread,
 //! which sends `Exited` after the output threads have drained the pipes.
+//!
+//! Each output stream sends only as far as the host's credit goes
+//! ([`vmette_proto::OUTPUT_WINDOW`]); a stream out of credit stops reading
+//! its pipe, so the command blocks on a full pipe while every other exec
+//! goes on. A PTY exec has one stream, the terminal's master side.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{setsid, Pid};
-use vmette_proto::{ExecId, ExecRequest, ExitStatus, GuestMessage, MAX_CHUNK_LEN};
+use vmette_proto::{
+    ExecId, ExecRequest, ExitStatus, GuestMessage, OutputStream, PtySize, MAX_CHUNK_LEN,
+    OUTPUT_WINDOW,
+};
 
 use crate::channel::Outbox;
 
@@ -33,12 +45,75 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// The longest the exit status waits for output after the command exited.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
+/// The terminal type a PTY exec gets unless its request sets `TERM`.
+const PTY_TERM: &str = "xterm-256color";
+
 /// What the output threads tell the finisher.
 enum Drain {
     /// A chunk went out.
     Progress,
+    /// The stream is out of credit: the host is slow, not the pipe silent,
+    /// so the finisher waits without a deadline until `Progress`.
+    Blocked,
     /// The pipe reached end-of-file.
     Done,
+}
+
+/// How many more bytes one output stream may send.
+struct Credit {
+    state: Mutex<CreditState>,
+    changed: Condvar,
+}
+
+struct CreditState {
+    available: usize,
+    closed: bool,
+}
+
+impl Credit {
+    fn new() -> Arc<Credit> {
+        Arc::new(Credit {
+            state: Mutex::new(CreditState {
+                available: OUTPUT_WINDOW,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// Takes up to `want` bytes of credit, waiting for some if there is
+    /// none (after telling the finisher); 0 once the exec is gone.
+    fn take(&self, want: usize, finisher: &mpsc::Sender<Drain>) -> usize {
+        let mut state = lock(&self.state);
+        if state.available == 0 && !state.closed {
+            let _ = finisher.send(Drain::Blocked);
+        }
+        while state.available == 0 && !state.closed {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.closed {
+            return 0;
+        }
+        let granted = want.min(state.available);
+        state.available -= granted;
+        granted
+    }
+
+    fn grant(&self, bytes: usize) {
+        let mut state = lock(&self.state);
+        // A host that grants beyond the window only hurts itself; the cap
+        // keeps the guest's own accounting bounded.
+        state.available = (state.available + bytes).min(OUTPUT_WINDOW);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.changed.notify_all();
+    }
 }
 
 const DEFAULT_ENV: &[(&str, &str)] = &[
@@ -58,6 +133,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Running {
     pgid: Pid,
     stdin: Option<mpsc::Sender<Option<Vec<u8>>>>,
+    stdout_credit: Arc<Credit>,
+    stderr_credit: Arc<Credit>,
+    /// The PTY's master side, for window-size changes.
+    pty: Option<Arc<OwnedFd>>,
+}
+
+impl Running {
+    fn close_credit(&self) {
+        self.stdout_credit.close();
+        self.stderr_credit.close();
+    }
 }
 
 /// All execs of this VM.
@@ -112,21 +198,36 @@ impl Execs {
             .args(&request.argv[1..])
             .env_clear()
             .envs(DEFAULT_ENV.iter().copied())
-            .envs(request.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(request.workdir.as_deref().unwrap_or("/"))
-            .stdin(if request.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: setsid is async-signal-safe and touches no memory of the
-        // parent; it makes the command its own process group so a signal
-        // from the host reaches everything it started.
-        unsafe {
-            command.pre_exec(|| setsid().map(drop).map_err(io::Error::from));
-        }
+            .current_dir(request.workdir.as_deref().unwrap_or("/"));
+        let pty =
+            match request.pty {
+                Some(size) => {
+                    if !request.env.iter().any(|(key, _)| key == "TERM") {
+                        command.env("TERM", PTY_TERM);
+                    }
+                    Some(attach_pty(&mut command, size).map_err(|e| {
+                        (format!("cannot open a terminal for the command: {e}"), 125)
+                    })?)
+                }
+                None => {
+                    command
+                        .stdin(if request.stdin {
+                            Stdio::piped()
+                        } else {
+                            Stdio::null()
+                        })
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped());
+                    // SAFETY: setsid is async-signal-safe and touches no memory
+                    // of the parent; it makes the command its own process group
+                    // so a signal from the host reaches everything it started.
+                    unsafe {
+                        command.pre_exec(|| setsid().map(drop).map_err(io::Error::from));
+                    }
+                    None
+                }
+            };
+        command.envs(request.env.iter().map(|(k, v)| (k, v)));
 
         let (status_tx, status_rx) = mpsc::channel();
         let mut child = {
@@ -136,61 +237,101 @@ impl Execs {
             self.children.spawned.notify_one();
             child
         };
+        // The command holds the PTY's slave side; ours must close, or the
+        // master never sees the end of the terminal.
+        drop(command);
         let pid = Pid::from_raw(child.id() as i32);
+        let stdout_credit = Credit::new();
+        let stderr_credit = Credit::new();
 
         let (done_tx, done_rx) = mpsc::channel();
-        if let Some(stdout) = child.stdout.take() {
+        let mut streams = 0;
+        let mut output = |stream: OutputStream, source: Box<dyn Read + Send>| {
             let outbox = self.outbox.clone();
             let done = done_tx.clone();
-            spawn_named("stdout", move || {
-                pump_output(
-                    stdout,
-                    |data| GuestMessage::Stdout { id, data },
-                    &outbox,
-                    &done,
-                );
+            let credit = Arc::clone(match stream {
+                OutputStream::Stdout => &stdout_credit,
+                OutputStream::Stderr => &stderr_credit,
+            });
+            streams += 1;
+            spawn_named("output", move || {
+                pump_output(source, id, stream, &credit, &outbox, &done);
                 let _ = done.send(Drain::Done);
             });
-        }
-        if let Some(stderr) = child.stderr.take() {
-            let outbox = self.outbox.clone();
-            let done = done_tx.clone();
-            spawn_named("stderr", move || {
-                pump_output(
-                    stderr,
-                    |data| GuestMessage::Stderr { id, data },
-                    &outbox,
-                    &done,
-                );
-                let _ = done.send(Drain::Done);
-            });
-        }
+        };
+        let stdin_sink: Option<(Box<dyn Write + Send>, bool)> = match &pty {
+            Some(master) => {
+                let reader = File::from(master.try_clone().map_err(|e| io_failure(&e))?);
+                output(OutputStream::Stdout, Box::new(reader));
+                let writer = File::from(master.try_clone().map_err(|e| io_failure(&e))?);
+                Some((Box::new(writer), true))
+            }
+            None => {
+                if let Some(stdout) = child.stdout.take() {
+                    output(OutputStream::Stdout, Box::new(stdout));
+                }
+                if let Some(stderr) = child.stderr.take() {
+                    output(OutputStream::Stderr, Box::new(stderr));
+                }
+                child
+                    .stdin
+                    .take()
+                    .map(|pipe| (Box::new(pipe) as Box<dyn Write + Send>, false))
+            }
+        };
         drop(done_tx);
-        let stdin = child.stdin.take().map(|pipe| {
+        let stdin = stdin_sink.map(|(sink, terminal)| {
             let (tx, rx) = mpsc::channel();
             let outbox = self.outbox.clone();
-            spawn_named("stdin", move || pump_stdin(id, pipe, &rx, &outbox));
+            spawn_named("stdin", move || {
+                pump_stdin(id, sink, terminal, &rx, &outbox)
+            });
             tx
         });
-        lock(&self.running).insert(id, Running { pgid: pid, stdin });
+        lock(&self.running).insert(
+            id,
+            Running {
+                pgid: pid,
+                stdin,
+                stdout_credit,
+                stderr_credit,
+                pty: pty.map(Arc::new),
+            },
+        );
 
         let outbox = self.outbox.clone();
         let running = Arc::clone(&self.running);
         spawn_named("finisher", move || {
             let status = status_rx.recv().unwrap_or(ExitStatus::Code(255));
-            let limit = Instant::now() + DRAIN_LIMIT;
-            let mut open_pipes = 2;
-            while open_pipes > 0 && Instant::now() < limit {
-                match done_rx.recv_timeout(DRAIN_GRACE) {
-                    Ok(Drain::Progress) => {}
-                    Ok(Drain::Done) => open_pipes -= 1,
-                    Err(_) => break,
-                }
+            wait_for_output(&done_rx, streams);
+            if let Some(done) = lock(&running).remove(&id) {
+                // Output a background process writes after this is dropped:
+                // the exec is over for the host.
+                done.close_credit();
             }
-            lock(&running).remove(&id);
             outbox.send(GuestMessage::Exited { id, status });
         });
         Ok(())
+    }
+
+    /// The host granted more output credit.
+    pub fn credit(&self, id: ExecId, stream: OutputStream, bytes: u32) {
+        if let Some(running) = lock(&self.running).get(&id) {
+            match stream {
+                OutputStream::Stdout => running.stdout_credit.grant(bytes as usize),
+                OutputStream::Stderr => running.stderr_credit.grant(bytes as usize),
+            }
+        }
+    }
+
+    /// The host's terminal changed size: the kernel tells the command with
+    /// SIGWINCH.
+    pub fn resize(&self, id: ExecId, size: PtySize) {
+        if let Some(master) = lock(&self.running).get(&id).and_then(|r| r.pty.clone()) {
+            if let Err(e) = set_window_size(&master, size) {
+                eprintln!("vmette-guest: cannot resize the terminal of exec {id}: {e}");
+            }
+        }
     }
 
     pub fn stdin(&self, id: ExecId, data: Vec<u8>) {
@@ -249,43 +390,153 @@ fn spawn_named(name: &str, body: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// Gives `command` a new PTY of `size` as stdin, stdout, stderr and
+/// controlling terminal, in a session of its own; returns the master side.
+fn attach_pty(command: &mut Command, size: PtySize) -> io::Result<OwnedFd> {
+    let window = Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = openpty(Some(&window), None)?;
+    // Other commands must not inherit either side; the child gets the
+    // slave as its 0, 1 and 2, which `dup2` leaves open across exec.
+    for fd in [&pty.master, &pty.slave] {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    }
+    command
+        .stdin(Stdio::from(pty.slave.try_clone()?))
+        .stdout(Stdio::from(pty.slave.try_clone()?))
+        .stderr(Stdio::from(pty.slave));
+    // SAFETY: setsid and ioctl are async-signal-safe and touch no memory of
+    // the parent. The new session makes the PTY the controlling terminal
+    // of the command, so job control and Ctrl-C work as in a real shell.
+    unsafe {
+        command.pre_exec(|| {
+            setsid().map_err(io::Error::from)?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(pty.master)
+}
+
+fn set_window_size(master: &OwnedFd, size: PtySize) -> io::Result<()> {
+    let window = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which points to
+    // a live local for the duration of the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &window) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn io_failure(error: &io::Error) -> (String, i32) {
+    (format!("cannot set up the command's streams: {error}"), 125)
+}
+
+/// Waits until every output stream of an exited command has drained: a
+/// stream silent for [`DRAIN_GRACE`] (a background process holds it open)
+/// or the [`DRAIN_LIMIT`] ends the wait, but a stream waiting for the
+/// host's credit never does, since that output is still owed.
+fn wait_for_output(done: &mpsc::Receiver<Drain>, mut open: usize) {
+    let mut limit = Instant::now() + DRAIN_LIMIT;
+    let mut blocked = false;
+    while open > 0 {
+        let event = if blocked {
+            done.recv().ok()
+        } else if Instant::now() < limit {
+            done.recv_timeout(DRAIN_GRACE).ok()
+        } else {
+            None
+        };
+        match event {
+            Some(Drain::Progress) => {
+                if blocked {
+                    blocked = false;
+                    limit = Instant::now() + DRAIN_LIMIT;
+                }
+            }
+            Some(Drain::Blocked) => blocked = true,
+            Some(Drain::Done) => open -= 1,
+            None => return,
+        }
+    }
+}
+
 fn pump_output(
-    mut pipe: impl Read,
-    frame: impl Fn(Vec<u8>) -> GuestMessage,
+    mut source: impl Read,
+    id: ExecId,
+    stream: OutputStream,
+    credit: &Credit,
     outbox: &Outbox,
     finisher: &mpsc::Sender<Drain>,
 ) {
     let mut buf = vec![0u8; MAX_CHUNK_LEN];
     loop {
-        match pipe.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                outbox.send(frame(buf[..n].to_vec()));
-                let _ = finisher.send(Drain::Progress);
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return,
+        let room = credit.take(MAX_CHUNK_LEN, finisher);
+        if room == 0 {
+            return;
         }
+        let n = loop {
+            match source.read(&mut buf[..room]) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // A PTY master reads EIO once the terminal's last user is
+                // gone: that is its end-of-file.
+                Ok(0) | Err(_) => return,
+                Ok(n) => break n,
+            }
+        };
+        // Credit taken but not used goes back.
+        credit.grant(room - n);
+        let data = buf[..n].to_vec();
+        outbox.send(match stream {
+            OutputStream::Stdout => GuestMessage::Stdout { id, data },
+            OutputStream::Stderr => GuestMessage::Stderr { id, data },
+        });
+        let _ = finisher.send(Drain::Progress);
     }
 }
 
+/// The end-of-file character a terminal turns into end-of-input for the
+/// program reading it (VEOF, Ctrl-D, in the default line discipline).
+const TERMINAL_EOF: u8 = 0x04;
+
 fn pump_stdin(
     id: ExecId,
-    mut pipe: ChildStdin,
+    mut sink: Box<dyn Write + Send>,
+    terminal: bool,
     chunks: &mpsc::Receiver<Option<Vec<u8>>>,
     outbox: &Outbox,
 ) {
     let mut open = true;
-    while let Ok(Some(data)) = chunks.recv() {
-        // After EPIPE the command is gone or closed stdin: keep
-        // acknowledging so the host's window does not stall.
-        if open && pipe.write_all(&data).is_err() {
-            open = false;
+    loop {
+        match chunks.recv() {
+            Ok(Some(data)) => {
+                // After EPIPE the command is gone or closed stdin: keep
+                // acknowledging so the host's window does not stall.
+                if open && sink.write_all(&data).is_err() {
+                    open = false;
+                }
+                outbox.send(GuestMessage::StdinAck {
+                    id,
+                    bytes: data.len() as u32,
+                });
+            }
+            Ok(None) if terminal && open => {
+                let _ = sink.write_all(&[TERMINAL_EOF]);
+                return;
+            }
+            Ok(None) | Err(_) => return,
         }
-        outbox.send(GuestMessage::StdinAck {
-            id,
-            bytes: data.len() as u32,
-        });
     }
 }
 

@@ -79,6 +79,8 @@ fn boot_and_serve() -> Result<(), String> {
             HostMessage::Stdin { id, data } => execs.stdin(id, data),
             HostMessage::StdinEof { id } => execs.stdin_eof(id),
             HostMessage::Signal { id, signal } => execs.signal(id, signal),
+            HostMessage::OutputCredit { id, stream, bytes } => execs.credit(id, stream, bytes),
+            HostMessage::Resize { id, size } => execs.resize(id, size),
             // power_off() flushes the file systems first.
             HostMessage::PowerOff => return Ok(()),
             HostMessage::Boot(_) => eprintln!("vmette-guest: ignoring a second boot envelope"),

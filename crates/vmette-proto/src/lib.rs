@@ -31,8 +31,12 @@
 //!
 //! # Flow control
 //!
-//! Guest → host output needs none: a slow host reader stalls the channel,
-//! which stalls the guest command on a full pipe. Host → guest stdin is
+//! Guest → host output is credited per exec and per stream: the guest
+//! keeps at most [`OUTPUT_WINDOW`] bytes of each stream unacknowledged and
+//! sends more only as [`HostMessage::OutputCredit`] arrives, which the host
+//! grants as its consumer takes the data. A slow or absent reader of one
+//! exec stalls that exec's command on a full pipe and nothing else: other
+//! execs and the control messages flow on. Host → guest stdin is
 //! windowed: the host keeps at most [`STDIN_WINDOW`] bytes unacknowledged,
 //! and the guest sends [`GuestMessage::StdinAck`] once it has written bytes
 //! into the command's pipe, so a command that never reads its stdin cannot
@@ -46,8 +50,8 @@ mod messages;
 pub use frame::{read_frame, write_frame, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use messages::{
     BootEnvelope, ExecId, ExecRequest, ExitStatus, GuestMessage, HostMessage, InvalidMessage,
-    OverlayUpper, RootSource, ShareMount, MAX_ARGS, MAX_CHUNK_LEN, MAX_ENV, MAX_SHARES,
-    PROTOCOL_VERSION, STDIN_WINDOW,
+    OutputStream, OverlayUpper, PtySize, RootSource, ShareMount, MAX_ARGS, MAX_CHUNK_LEN, MAX_ENV,
+    MAX_PTY_SIDE, MAX_SHARES, OUTPUT_WINDOW, PROTOCOL_VERSION, STDIN_WINDOW,
 };
 
 /// Name of the virtio-serial port the guest agent looks for. Engines that

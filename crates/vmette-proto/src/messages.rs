@@ -15,6 +15,14 @@ pub const MAX_CHUNK_LEN: usize = 64 * 1024;
 /// Most stdin bytes the host may have sent but not yet seen acknowledged.
 pub const STDIN_WINDOW: usize = 256 * 1024;
 
+/// Most bytes of one exec stream (stdout, or stderr) the guest may have
+/// sent without the host's credit for them. Each stream of each exec has
+/// its own window, so one exec whose reader is slow stalls only itself.
+pub const OUTPUT_WINDOW: usize = 256 * 1024;
+
+/// Largest terminal side, in rows or columns, a PTY may be given.
+pub const MAX_PTY_SIDE: u16 = 4096;
+
 /// Most arguments in one exec request.
 pub const MAX_ARGS: usize = 4096;
 
@@ -55,6 +63,51 @@ pub enum HostMessage {
     },
     /// Flush file systems and power the VM off.
     PowerOff,
+    /// The host consumed `bytes` of an exec's output stream: the guest may
+    /// send that many more. Never more than [`OUTPUT_WINDOW`] in all.
+    OutputCredit {
+        /// The exec.
+        id: ExecId,
+        /// Which stream (a PTY exec's output is [`OutputStream::Stdout`]).
+        stream: OutputStream,
+        /// How many bytes.
+        bytes: u32,
+    },
+    /// The PTY of a PTY exec changed size.
+    Resize {
+        /// The exec.
+        id: ExecId,
+        /// The new size.
+        size: PtySize,
+    },
+}
+
+/// One of an exec's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputStream {
+    /// Standard output, or a PTY exec's terminal output.
+    Stdout,
+    /// Standard error (unused by PTY execs).
+    Stderr,
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Rows, 1 to [`MAX_PTY_SIDE`].
+    pub rows: u16,
+    /// Columns, 1 to [`MAX_PTY_SIDE`].
+    pub cols: u16,
+}
+
+impl PtySize {
+    fn validate(&self) -> Result<(), InvalidMessage> {
+        let side = 1..=MAX_PTY_SIDE;
+        if !side.contains(&self.rows) || !side.contains(&self.cols) {
+            return invalid("pty size", "rows and columns must be 1 to 4096");
+        }
+        Ok(())
+    }
 }
 
 /// Messages from the guest agent to the host.
@@ -205,7 +258,12 @@ pub struct ExecRequest {
     /// Working directory; `/` when absent.
     pub workdir: Option<String>,
     /// Whether stdin is forwarded. When false the command reads `/dev/null`.
+    /// A PTY exec always reads its terminal.
     pub stdin: bool,
+    /// Run the command on a new PTY of this size, as its controlling
+    /// terminal in a session of its own; stdout then carries the terminal's
+    /// output and stderr stays empty.
+    pub pty: Option<PtySize>,
 }
 
 /// Why a message was refused by [`HostMessage::validate`] or
@@ -262,9 +320,14 @@ impl HostMessage {
             HostMessage::Signal { signal, .. } if !(1..=31).contains(signal) => {
                 invalid("signal", "must be a standard signal, 1 to 31")
             }
+            HostMessage::OutputCredit { bytes, .. } if *bytes as usize > OUTPUT_WINDOW => {
+                invalid("output credit", "more than the window")
+            }
+            HostMessage::Resize { size, .. } => size.validate(),
             HostMessage::Stdin { .. }
             | HostMessage::StdinEof { .. }
             | HostMessage::Signal { .. }
+            | HostMessage::OutputCredit { .. }
             | HostMessage::PowerOff => Ok(()),
         }
     }
@@ -370,6 +433,9 @@ impl ExecRequest {
         if let Some(workdir) = &self.workdir {
             check_guest_path("workdir", workdir)?;
         }
+        if let Some(size) = &self.pty {
+            size.validate()?;
+        }
         Ok(())
     }
 }
@@ -402,6 +468,7 @@ mod tests {
             env: vec![],
             workdir: None,
             stdin: false,
+            pty: None,
         }
     }
 
@@ -478,6 +545,31 @@ mod tests {
             status: ExitStatus::Signal(9),
         };
         assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_credit_beyond_the_window_and_odd_terminal_sizes() {
+        let credit = HostMessage::OutputCredit {
+            id: 1,
+            stream: OutputStream::Stdout,
+            bytes: OUTPUT_WINDOW as u32 + 1,
+        };
+        assert!(credit.validate().is_err());
+        for (rows, cols) in [(0, 80), (24, 0), (MAX_PTY_SIDE + 1, 80)] {
+            let resize = HostMessage::Resize {
+                id: 1,
+                size: PtySize { rows, cols },
+            };
+            assert!(resize.validate().is_err(), "{rows}x{cols}");
+            let mut request = exec(&["sh"]);
+            request.pty = Some(PtySize { rows, cols });
+            assert!(HostMessage::Exec(request).validate().is_err());
+        }
+        let fine = HostMessage::Resize {
+            id: 1,
+            size: PtySize { rows: 24, cols: 80 },
+        };
+        assert_eq!(fine.validate(), Ok(()));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 use std::fmt::Write as _;
 
 use vmette_proto::{
-    write_frame, BootEnvelope, ExecRequest, ExitStatus, GuestMessage, HostMessage, OverlayUpper,
-    RootSource, ShareMount, PROTOCOL_VERSION,
+    write_frame, BootEnvelope, ExecRequest, ExitStatus, GuestMessage, HostMessage, OutputStream,
+    OverlayUpper, PtySize, RootSource, ShareMount, PROTOCOL_VERSION,
 };
 
 fn samples() -> Vec<(&'static str, Vec<u8>)> {
@@ -59,6 +59,18 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 env: vec![("A".into(), "b".into())],
                 workdir: Some("/tmp".into()),
                 stdin: true,
+                pty: None,
+            })),
+        ),
+        (
+            "host exec pty",
+            frame(&HostMessage::Exec(ExecRequest {
+                id: 2,
+                argv: vec!["bash".into()],
+                env: vec![],
+                workdir: None,
+                stdin: true,
+                pty: Some(PtySize { rows: 24, cols: 80 }),
             })),
         ),
         (
@@ -74,6 +86,24 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             frame(&HostMessage::Signal { id: 1, signal: 2 }),
         ),
         ("host power off", frame(&HostMessage::PowerOff)),
+        (
+            "host output credit",
+            frame(&HostMessage::OutputCredit {
+                id: 1,
+                stream: OutputStream::Stderr,
+                bytes: 65536,
+            }),
+        ),
+        (
+            "host resize",
+            frame(&HostMessage::Resize {
+                id: 2,
+                size: PtySize {
+                    rows: 50,
+                    cols: 132,
+                },
+            }),
+        ),
         (
             "guest hello",
             frame(&GuestMessage::Hello {

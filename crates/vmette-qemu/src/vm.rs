@@ -123,6 +123,12 @@ impl Vm for QemuVm {
         self.qemu.kill();
     }
 
+    fn powered_off_by_guest(&mut self) -> bool {
+        // With -no-reboot, QEMU exits 0 when the guest powers off or
+        // reboots; a crash or a signal gives another status.
+        self.qemu.exited_successfully()
+    }
+
     fn console_tail(&self) -> String {
         let mut text = self.console.text();
         // QEMU's own complaints (a kernel it cannot load, a device it

@@ -67,6 +67,20 @@ pub fn run(config: &Config) -> Result<RunOutput, Error> {
     Runner::new(&*default_engine()?).run(config)
 }
 
+/// Boots a VM for `config` on the default engine and returns the session
+/// once its agent is ready; run commands in it with [`Session::exec`].
+///
+/// ```no_run
+/// let session = vmette::start_session(&vmette::Config::default_machine())?;
+/// let output = session.exec(&vmette::ExecSpec::new(["uname", "-r"]))?.output(1 << 20);
+/// assert_eq!(output.status, vmette::ExecStatus::Exited(0));
+/// session.stop();
+/// # Ok::<(), vmette::Error>(())
+/// ```
+pub fn start_session(config: &Config) -> Result<Session, Error> {
+    Session::start(&*default_engine()?, config, &assets::Silent)
+}
+
 /// Runs `config`, handing output to `sink` as it is produced.
 pub fn run_streaming(
     config: &Config,

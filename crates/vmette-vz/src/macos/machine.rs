@@ -283,6 +283,12 @@ impl Vm for VzVm {
         self.stop(Duration::ZERO);
     }
 
+    fn powered_off_by_guest(&mut self) -> bool {
+        // The framework reports a guest's own power-off as Stopped and a
+        // failure of the machine as Error.
+        matches!(self.state(), VZVirtualMachineState::Stopped)
+    }
+
     fn console_tail(&self) -> String {
         self.console.text()
     }

@@ -1,0 +1,1130 @@
+//! Sessions: a VM whose guest agent stays up and serves many execs.
+//!
+//! [`Session::start`] boots the machine and waits for the agent. From then
+//! on one *monitor* thread owns the VM: it routes every validated guest
+//! message to the exec it names, enforces the session-wide and idle
+//! timeouts and each exec's timeout, notices when the VM stops, and carries
+//! out stop requests. Callers hold [`Exec`] handles and never block the
+//! monitor: each exec's output sits in its own queue, which the guest can
+//! fill only as far as the host has granted credit
+//! ([`vmette_proto::OUTPUT_WINDOW`] per stream). Credit goes back as the
+//! handle's owner takes the data, so a reader that is slow, or gone, stalls
+//! its own exec and nothing else.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use vmette_assets::Progress;
+use vmette_proto::{
+    ExecId, ExecRequest, GuestMessage, HostMessage, OutputStream, PtySize, MAX_CHUNK_LEN,
+    OUTPUT_WINDOW, PROTOCOL_VERSION,
+};
+
+use crate::control::{self, ControlSender, Event, StdinWindow};
+use crate::engine::Vm;
+use crate::process::Watchdog;
+use crate::{boot, Config, Engine, Error};
+
+/// How long the guest may take from machine start to `Ready` when no
+/// earlier deadline applies. Generous: emulated boots of a loaded host are
+/// slow.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a graceful stop lets the guest flush its file systems and power
+/// off by itself before the VM is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the monitor looks at the VM and the clocks.
+const TICK: Duration = Duration::from_millis(50);
+
+/// How long an exec that outlived its timeout gets, after `SIGKILL`, for
+/// the guest to report its end before the host reports it anyway.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Credit goes back to the guest in batches of at least this many bytes,
+/// or sooner once the consumer has caught up.
+const CREDIT_BATCH: usize = OUTPUT_WINDOW / 4;
+
+/// One command to run in a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// Program and arguments; the program is looked up in the guest's `PATH`.
+    pub argv: Vec<String>,
+    /// Environment variables, over the guest's defaults. Nothing of the
+    /// host's environment passes unless it is here.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest; `/` when `None`.
+    pub workdir: Option<String>,
+    /// Give the command a stdin pipe to write to ([`Exec::write_stdin`]);
+    /// otherwise it reads `/dev/null`. A PTY exec always reads its terminal.
+    pub stdin: bool,
+    /// Run the command on a PTY of this size: one output stream
+    /// ([`ExecEvent::Stdout`]), `TERM` set, Ctrl-C and friends handled by
+    /// the guest's terminal.
+    pub pty: Option<PtySize>,
+    /// Kill the command (`SIGKILL` to its process group) after this long;
+    /// it then ends with [`ExecStatus::TimedOut`] and the session goes on.
+    pub timeout: Option<Duration>,
+}
+
+impl ExecSpec {
+    /// A spec that runs `argv` with no stdin, no PTY and no timeout.
+    pub fn new<I, S>(argv: I) -> ExecSpec
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecSpec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            workdir: None,
+            stdin: false,
+            pty: None,
+            timeout: None,
+        }
+    }
+
+    pub(crate) fn request(&self, id: ExecId) -> ExecRequest {
+        ExecRequest {
+            id,
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            stdin: self.stdin || self.pty.is_some(),
+            pty: self.pty,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// [`Session::stop`] or a [`StopHandle`] ended it.
+    Stopped,
+    /// The guest powered the machine off by itself.
+    PoweredOff,
+    /// The machine stopped without the guest powering it off (the
+    /// hypervisor died or was killed).
+    Crashed,
+    /// [`Config::timeout`] ran out.
+    SessionTimeout,
+    /// No exec ran for [`Config::idle_timeout`].
+    IdleTimeout,
+    /// The guest agent broke the protocol; the VM was killed.
+    ProtocolError(String),
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::Stopped => write!(f, "the session was stopped"),
+            EndReason::PoweredOff => write!(f, "the guest powered off"),
+            EndReason::Crashed => write!(f, "the VM stopped unexpectedly"),
+            EndReason::SessionTimeout => write!(f, "the session's timeout ran out"),
+            EndReason::IdleTimeout => write!(f, "the session was idle for too long"),
+            EndReason::ProtocolError(reason) => {
+                write!(f, "the guest agent broke the protocol: {reason}")
+            }
+        }
+    }
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecStatus {
+    /// The command exited with this code.
+    Exited(i32),
+    /// The command was killed by this signal.
+    Signaled(i32),
+    /// [`ExecSpec::timeout`] ran out; the command was killed.
+    TimedOut,
+    /// The guest could not start the command.
+    NotStarted {
+        /// The shell's code for the failure: 127 not found, 126 not
+        /// executable, 125 refused.
+        code: i32,
+        /// Why, one sentence.
+        message: String,
+    },
+    /// The session ended before the command did.
+    SessionEnded(EndReason),
+}
+
+impl ExecStatus {
+    /// The exit code a shell would report: the command's code, 128 + N for
+    /// signal N, 124 for a timeout, 126/127 when it could not start, 125
+    /// when the session ended under it.
+    pub fn shell_code(&self) -> i32 {
+        match self {
+            ExecStatus::Exited(code) => *code,
+            ExecStatus::Signaled(signal) => 128 + signal,
+            ExecStatus::TimedOut => 124,
+            ExecStatus::NotStarted { code, .. } => *code,
+            ExecStatus::SessionEnded(_) => 125,
+        }
+    }
+}
+
+/// What an exec produced, in order. [`ExecEvent::Exit`] is always last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// A chunk of stdout (of the terminal, for a PTY exec).
+    Stdout(Vec<u8>),
+    /// A chunk of stderr.
+    Stderr(Vec<u8>),
+    /// The exec ended.
+    Exit(ExecStatus),
+}
+
+/// A running VM whose agent serves execs until the session ends.
+///
+/// Dropping a session that has not ended stops it: gracefully, then by
+/// force after [`STOP_GRACE`].
+pub struct Session {
+    shared: Arc<Shared>,
+    monitor: Option<JoinHandle<()>>,
+    // Released after the monitor, which owns the VM, has ended; the
+    // watchdog last, since it guards both.
+    run_dir: Option<tempfile::TempDir>,
+    watchdog: Option<Watchdog>,
+}
+
+/// Stops a session from any thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    shared: Arc<Shared>,
+}
+
+/// One exec of a session: its output, its stdin, its status.
+///
+/// Dropping the handle does not stop the command; its output is then
+/// discarded as it comes.
+pub struct Exec {
+    state: Arc<ExecState>,
+    sender: ControlSender,
+}
+
+/// Writes to an exec's stdin from any thread; cheap to clone.
+#[derive(Clone)]
+pub struct ExecStdin {
+    id: ExecId,
+    window: Arc<StdinWindow>,
+    sender: ControlSender,
+}
+
+struct Shared {
+    sender: ControlSender,
+    execs: Mutex<HashMap<ExecId, Arc<ExecState>>>,
+    next_id: AtomicU32,
+    control: Mutex<Lifecycle>,
+    changed: Condvar,
+}
+
+struct Lifecycle {
+    stop: Option<StopKind>,
+    end: Option<EndReason>,
+    /// The guest console's last lines, kept when the session ends.
+    console: String,
+    last_activity: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopKind {
+    /// Power off cleanly, then kill after [`STOP_GRACE`].
+    Graceful,
+    /// Kill at once.
+    Now,
+}
+
+struct ExecState {
+    id: ExecId,
+    pty: bool,
+    deadline: Option<Instant>,
+    window: Arc<StdinWindow>,
+    queue: Mutex<ExecQueue>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct ExecQueue {
+    events: VecDeque<ExecEvent>,
+    /// Bytes of each stream received but not yet credited back.
+    owed: [usize; 2],
+    /// Bytes of each stream consumed but not yet credited back.
+    consumed: [usize; 2],
+    /// The exit event has been queued; nothing follows it.
+    finished: bool,
+    /// The exit event has been handed out.
+    delivered: bool,
+    /// The handle is gone: output is discarded and credited on arrival.
+    detached: bool,
+    /// When the host killed the command for its timeout.
+    killed_at: Option<Instant>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn stream_index(stream: OutputStream) -> usize {
+    match stream {
+        OutputStream::Stdout => 0,
+        OutputStream::Stderr => 1,
+    }
+}
+
+/// How [`Session::boot`] can be cut short, for the one-shot run.
+pub(crate) enum BootAbort {
+    /// The caller's deadline passed.
+    Deadline,
+    /// The caller was interrupted with this signal.
+    Interrupted(i32),
+    /// Anything else.
+    Failed(Error),
+}
+
+impl From<Error> for BootAbort {
+    fn from(error: Error) -> BootAbort {
+        BootAbort::Failed(error)
+    }
+}
+
+impl Session {
+    /// Boots a VM for `config` on `engine` and waits until its agent is
+    /// ready to run commands. `config`'s command fields are not used: a
+    /// session's commands come as [`ExecSpec`]s.
+    pub fn start(
+        engine: &dyn Engine,
+        config: &Config,
+        progress: &dyn Progress,
+    ) -> Result<Session, Error> {
+        match Session::boot(engine, config, progress, None, None) {
+            Ok(session) => Ok(session),
+            Err(BootAbort::Failed(error)) => Err(error),
+            Err(BootAbort::Deadline) => Err(Error::BootFailed {
+                reason: "the session's timeout ran out before the guest was ready".into(),
+                console: String::new(),
+            }),
+            Err(BootAbort::Interrupted(_)) => Err(Error::BootFailed {
+                reason: "interrupted".into(),
+                console: String::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn boot(
+        engine: &dyn Engine,
+        config: &Config,
+        progress: &dyn Progress,
+        deadline: Option<Instant>,
+        interrupts: Option<&Receiver<i32>>,
+    ) -> Result<Session, BootAbort> {
+        let started = Instant::now();
+        config.validate_machine()?;
+        let session_deadline = config.timeout.map(|t| started + t);
+        let deadline = match (deadline, session_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let files = boot::prepare(config, engine.guest_modules(), progress)?;
+        let run_dir = tempfile::Builder::new()
+            .prefix("vmette-")
+            .tempdir()
+            .map_err(Error::io("cannot create the run directory"))?;
+        let watchdog =
+            Watchdog::spawn(run_dir.path()).map_err(Error::io("cannot start the watchdog"))?;
+        let (spec, envelope) = boot::layout(config, &files, run_dir.path())?;
+        // The guest refuses what breaks the protocol's rules; find out here,
+        // before a VM starts, and name the setting.
+        HostMessage::Boot(envelope.clone())
+            .validate()
+            .map_err(|e| Error::InvalidConfig {
+                field: e.field,
+                reason: e.reason.to_string(),
+            })?;
+
+        let (events_tx, events) = mpsc::sync_channel(control::EVENT_QUEUE);
+        let mut vm = engine.start(&spec, &watchdog).map_err(Error::from)?;
+        tracing::info!(accelerator = %vm.accelerator(), "VM started");
+        let boot_deadline =
+            deadline.map_or(started + BOOT_TIMEOUT, |d| d.min(started + BOOT_TIMEOUT));
+        let stream = vm
+            .connect_control(boot_deadline)
+            .map_err(Error::StartFailed)?;
+        let sender = control::start(stream, events_tx)?;
+        let boot_failed = |vm: &dyn Vm, reason: String| {
+            BootAbort::Failed(Error::BootFailed {
+                reason,
+                console: vm.console_tail(),
+            })
+        };
+
+        // Hello, then the envelope, then Ready.
+        loop {
+            if let Some(signal) = interrupts.and_then(|i| i.try_recv().ok()) {
+                vm.kill();
+                return Err(BootAbort::Interrupted(signal));
+            }
+            let now = Instant::now();
+            if now >= boot_deadline {
+                vm.kill();
+                if deadline.is_some_and(|d| now >= d) {
+                    return Err(BootAbort::Deadline);
+                }
+                return Err(boot_failed(
+                    &*vm,
+                    format!("the guest agent was not ready within {BOOT_TIMEOUT:?}"),
+                ));
+            }
+            let event = match events.recv_timeout(TICK.min(boot_deadline - now)) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) if vm.has_exited() => {
+                    return Err(boot_failed(
+                        &*vm,
+                        "the VM stopped before the guest agent was ready".into(),
+                    ));
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => Event::Closed(None),
+            };
+            match event {
+                Event::Guest(GuestMessage::Hello {
+                    version,
+                    agent_version,
+                }) => {
+                    if version != PROTOCOL_VERSION {
+                        vm.kill();
+                        return Err(Error::Protocol(format!(
+                            "the guest agent {agent_version} speaks protocol {version}, this host speaks {PROTOCOL_VERSION}; rebuild the initramfs with this vmette"
+                        ))
+                        .into());
+                    }
+                    sender.send(HostMessage::Boot(envelope.clone()))?;
+                }
+                Event::Guest(GuestMessage::Ready) => break,
+                Event::Guest(GuestMessage::BootFailed { message }) => {
+                    // Let the guest's last console lines arrive.
+                    vm.wait_exit(Duration::from_millis(500));
+                    return Err(boot_failed(&*vm, message));
+                }
+                Event::Guest(other) => {
+                    vm.kill();
+                    return Err(Error::Protocol(format!("unexpected {other:?} during boot")).into());
+                }
+                Event::Invalid(reason) => {
+                    vm.kill();
+                    return Err(Error::Protocol(reason).into());
+                }
+                Event::Closed(_) => {
+                    vm.wait_exit(Duration::from_millis(500));
+                    return Err(boot_failed(
+                        &*vm,
+                        "the VM stopped before the guest agent was ready".into(),
+                    ));
+                }
+            }
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), "guest ready");
+
+        let shared = Arc::new(Shared {
+            sender,
+            execs: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            control: Mutex::new(Lifecycle {
+                stop: None,
+                end: None,
+                console: String::new(),
+                last_activity: Instant::now(),
+            }),
+            changed: Condvar::new(),
+        });
+        let monitor = Monitor {
+            shared: Arc::clone(&shared),
+            vm,
+            events,
+            deadline: session_deadline,
+            idle_timeout: config.idle_timeout,
+        };
+        let monitor = thread::Builder::new()
+            .name("vmette-session".into())
+            .spawn(move || monitor.run())
+            .map_err(Error::io("cannot start the session monitor"))?;
+        Ok(Session {
+            shared,
+            monitor: Some(monitor),
+            run_dir: Some(run_dir),
+            watchdog: Some(watchdog),
+        })
+    }
+
+    /// Starts a command. Many may run at once.
+    pub fn exec(&self, spec: &ExecSpec) -> Result<Exec, Error> {
+        if let Some(reason) = self.end_reason() {
+            return Err(Error::SessionEnded(reason));
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = spec.request(id);
+        HostMessage::Exec(request.clone())
+            .validate()
+            .map_err(|e| Error::InvalidConfig {
+                field: e.field,
+                reason: e.reason.to_string(),
+            })?;
+        let state = Arc::new(ExecState {
+            id,
+            pty: spec.pty.is_some(),
+            deadline: spec.timeout.map(|t| Instant::now() + t),
+            window: Arc::new(StdinWindow::default()),
+            queue: Mutex::new(ExecQueue::default()),
+            ready: Condvar::new(),
+        });
+        lock(&self.shared.execs).insert(id, Arc::clone(&state));
+        self.shared.touch();
+        if let Err(error) = self.shared.sender.send(HostMessage::Exec(request)) {
+            lock(&self.shared.execs).remove(&id);
+            return Err(error);
+        }
+        Ok(Exec {
+            state,
+            sender: self.shared.sender.clone(),
+        })
+    }
+
+    /// A handle that stops this session from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Stops the session: the guest powers off cleanly (flushing writable
+    /// disks and shares), or is killed after [`STOP_GRACE`]. Returns why the
+    /// session ended, which is not [`EndReason::Stopped`] if it had already
+    /// ended otherwise.
+    pub fn stop(mut self) -> EndReason {
+        self.shared.request_stop(StopKind::Graceful);
+        self.finish()
+    }
+
+    /// Kills the VM at once, with no chance to flush: for a session whose
+    /// work was abandoned (a timeout, an interrupt).
+    pub fn kill(mut self) -> EndReason {
+        self.shared.request_stop(StopKind::Now);
+        self.finish()
+    }
+
+    /// The end of the guest's console when the session ended, for reports
+    /// of a VM that stopped unexpectedly; empty while it runs.
+    pub fn final_console(&self) -> String {
+        lock(&self.shared.control).console.clone()
+    }
+
+    /// Why the session ended, or `None` while it runs.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        lock(&self.shared.control).end.clone()
+    }
+
+    /// Waits until the session ends by itself or is stopped, or `timeout`
+    /// passes; the reason, or `None` on timeout.
+    pub fn wait_end(&self, timeout: Duration) -> Option<EndReason> {
+        self.shared.wait_end(Instant::now() + timeout)
+    }
+
+    fn finish(&mut self) -> EndReason {
+        if let Some(monitor) = self.monitor.take() {
+            let _ = monitor.join();
+        }
+        drop(self.run_dir.take());
+        drop(self.watchdog.take());
+        self.end_reason().unwrap_or(EndReason::Crashed)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.monitor.is_some() {
+            self.shared.request_stop(StopKind::Graceful);
+            self.finish();
+        }
+    }
+}
+
+impl StopHandle {
+    /// Asks the session to stop, as [`Session::stop`] does, without waiting.
+    pub fn stop(&self) {
+        self.shared.request_stop(StopKind::Graceful);
+    }
+
+    /// Why the session ended, or `None` while it runs.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        lock(&self.shared.control).end.clone()
+    }
+}
+
+impl Shared {
+    fn touch(&self) {
+        lock(&self.control).last_activity = Instant::now();
+    }
+
+    fn request_stop(&self, kind: StopKind) {
+        let mut control = lock(&self.control);
+        // A kill overrides a graceful stop still in progress, not the other
+        // way round.
+        if control.stop != Some(StopKind::Now) {
+            control.stop = Some(kind);
+        }
+        self.changed.notify_all();
+    }
+
+    fn wait_end(&self, until: Instant) -> Option<EndReason> {
+        let mut control = lock(&self.control);
+        loop {
+            if let Some(end) = &control.end {
+                return Some(end.clone());
+            }
+            let now = Instant::now();
+            if now >= until {
+                return None;
+            }
+            control = self
+                .changed
+                .wait_timeout(control, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Exec {
+    /// The exec's id within its session.
+    pub fn id(&self) -> u32 {
+        self.state.id
+    }
+
+    /// The next event, waiting as long as it takes; `None` after
+    /// [`ExecEvent::Exit`] was handed out.
+    pub fn next_event(&self) -> Option<ExecEvent> {
+        self.next_event_until(None).ok().flatten()
+    }
+
+    /// The next event, waiting until `deadline` at most; `Err(())` when it
+    /// passed first, `Ok(None)` after [`ExecEvent::Exit`] was handed out.
+    #[allow(clippy::result_unit_err)]
+    pub fn next_event_timeout(&self, timeout: Duration) -> Result<Option<ExecEvent>, ()> {
+        self.next_event_until(Some(Instant::now() + timeout))
+    }
+
+    fn next_event_until(&self, deadline: Option<Instant>) -> Result<Option<ExecEvent>, ()> {
+        let mut queue = lock(&self.state.queue);
+        loop {
+            if let Some(event) = queue.events.pop_front() {
+                if let ExecEvent::Stdout(data) | ExecEvent::Stderr(data) = &event {
+                    let stream = if matches!(event, ExecEvent::Stdout(_)) {
+                        OutputStream::Stdout
+                    } else {
+                        OutputStream::Stderr
+                    };
+                    let caught_up = queue.events.is_empty();
+                    queue.consumed(stream, data.len(), caught_up, self.state.id, &self.sender);
+                }
+                if matches!(event, ExecEvent::Exit(_)) {
+                    queue.delivered = true;
+                }
+                return Ok(Some(event));
+            }
+            if queue.delivered {
+                return Ok(None);
+            }
+            queue = match deadline {
+                None => self
+                    .state
+                    .ready
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(());
+                    }
+                    self.state
+                        .ready
+                        .wait_timeout(queue, deadline - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Writes `data` to the command's stdin, waiting while the guest has
+    /// too much of it unread. Fails once the exec has ended.
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), Error> {
+        self.stdin().write_all(data)
+    }
+
+    /// Ends the command's stdin (for a PTY exec: sends the terminal's
+    /// end-of-file character).
+    pub fn close_stdin(&self) -> Result<(), Error> {
+        self.stdin().close()
+    }
+
+    /// A writer for the command's stdin that other threads can own.
+    pub fn stdin(&self) -> ExecStdin {
+        ExecStdin {
+            id: self.state.id,
+            window: Arc::clone(&self.state.window),
+            sender: self.sender.clone(),
+        }
+    }
+
+    /// Sends `signal` (1 to 31) to the command's process group.
+    pub fn signal(&self, signal: i32) -> Result<(), Error> {
+        let message = HostMessage::Signal {
+            id: self.state.id,
+            signal,
+        };
+        message.validate().map_err(|e| Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason.to_string(),
+        })?;
+        self.sender.send(message)
+    }
+
+    /// Changes the size of a PTY exec's terminal; the command gets SIGWINCH.
+    pub fn resize(&self, size: PtySize) -> Result<(), Error> {
+        if !self.state.pty {
+            return Err(Error::InvalidConfig {
+                field: "pty",
+                reason: "this exec has no terminal to resize".into(),
+            });
+        }
+        let message = HostMessage::Resize {
+            id: self.state.id,
+            size,
+        };
+        message.validate().map_err(|e| Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason.to_string(),
+        })?;
+        self.sender.send(message)
+    }
+
+    /// Waits for the end, discarding output not yet taken.
+    pub fn wait(self) -> ExecStatus {
+        loop {
+            match self.next_event() {
+                Some(ExecEvent::Exit(status)) => return status,
+                Some(_) => {}
+                None => return ExecStatus::SessionEnded(EndReason::Crashed),
+            }
+        }
+    }
+
+    /// Waits for the end and returns what the command wrote, each stream
+    /// kept up to `limit` bytes (the rest is read and dropped).
+    pub fn output(self, limit: usize) -> ExecOutput {
+        let mut stdout = Capture::new(limit);
+        let mut stderr = Capture::new(limit);
+        let status = loop {
+            match self.next_event() {
+                Some(ExecEvent::Stdout(data)) => stdout.push(&data),
+                Some(ExecEvent::Stderr(data)) => stderr.push(&data),
+                Some(ExecEvent::Exit(status)) => break status,
+                None => break ExecStatus::SessionEnded(EndReason::Crashed),
+            }
+        };
+        ExecOutput {
+            status,
+            stdout: stdout.bytes,
+            stderr: stderr.bytes,
+            stdout_truncated: stdout.truncated,
+            stderr_truncated: stderr.truncated,
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        let mut queue = lock(&self.state.queue);
+        queue.detached = true;
+        while let Some(event) = queue.events.pop_front() {
+            if let ExecEvent::Stdout(data) | ExecEvent::Stderr(data) = &event {
+                let stream = if matches!(event, ExecEvent::Stdout(_)) {
+                    OutputStream::Stdout
+                } else {
+                    OutputStream::Stderr
+                };
+                queue.consumed(stream, data.len(), true, self.state.id, &self.sender);
+            }
+        }
+    }
+}
+
+/// What an exec wrote, captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// How it ended.
+    pub status: ExecStatus,
+    /// Captured stdout.
+    pub stdout: Vec<u8>,
+    /// Captured stderr.
+    pub stderr: Vec<u8>,
+    /// Stdout went past the limit and was cut.
+    pub stdout_truncated: bool,
+    /// Stderr went past the limit and was cut.
+    pub stderr_truncated: bool,
+}
+
+/// A capped capture buffer.
+pub(crate) struct Capture {
+    pub(crate) bytes: Vec<u8>,
+    limit: usize,
+    pub(crate) truncated: bool,
+}
+
+impl Capture {
+    pub(crate) fn new(limit: usize) -> Capture {
+        Capture {
+            bytes: Vec::new(),
+            limit,
+            truncated: false,
+        }
+    }
+
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        if data.len() > room {
+            self.truncated = true;
+        }
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+}
+
+impl ExecStdin {
+    /// Writes all of `data`, in chunks, each once the guest has room.
+    pub fn write_all(&self, data: &[u8]) -> Result<(), Error> {
+        for chunk in data.chunks(MAX_CHUNK_LEN) {
+            if !self.window.reserve(chunk.len()) {
+                return Err(Error::Channel(vmette_proto::FrameError::Io(
+                    io::ErrorKind::BrokenPipe.into(),
+                )));
+            }
+            self.sender.send(HostMessage::Stdin {
+                id: self.id,
+                data: chunk.to_vec(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Ends the command's input.
+    pub fn close(&self) -> Result<(), Error> {
+        self.sender.send(HostMessage::StdinEof { id: self.id })
+    }
+}
+
+impl io::Write for ExecStdin {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(MAX_CHUNK_LEN);
+        self.write_all(&buf[..n])
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ExecQueue {
+    /// The consumer took `bytes` of `stream`: credit them back in batches,
+    /// and all at once when it has caught up, so a waiting guest always
+    /// gets room.
+    fn consumed(
+        &mut self,
+        stream: OutputStream,
+        bytes: usize,
+        caught_up: bool,
+        id: ExecId,
+        sender: &ControlSender,
+    ) {
+        let i = stream_index(stream);
+        self.consumed[i] += bytes;
+        if self.consumed[i] >= CREDIT_BATCH || (caught_up && self.consumed[i] > 0) {
+            let credit = self.consumed[i];
+            self.consumed[i] = 0;
+            self.owed[i] = self.owed[i].saturating_sub(credit);
+            // A send fails only when the channel is gone, and then the
+            // session is ending anyway.
+            let _ = sender.send(HostMessage::OutputCredit {
+                id,
+                stream,
+                bytes: credit as u32,
+            });
+        }
+    }
+}
+
+impl ExecState {
+    /// Queues output from the guest; `Err` when the guest sent beyond its
+    /// credit, which only a broken or hostile guest does.
+    fn push_output(
+        &self,
+        stream: OutputStream,
+        data: Vec<u8>,
+        sender: &ControlSender,
+    ) -> Result<(), String> {
+        let mut queue = lock(&self.queue);
+        let i = stream_index(stream);
+        queue.owed[i] += data.len();
+        if queue.owed[i] > OUTPUT_WINDOW {
+            return Err(format!(
+                "exec {} sent more output than its credit allows",
+                self.id
+            ));
+        }
+        if queue.finished {
+            return Err(format!("exec {} sent output after its exit", self.id));
+        }
+        if queue.detached {
+            queue.consumed(stream, data.len(), true, self.id, sender);
+            return Ok(());
+        }
+        queue.events.push_back(match stream {
+            OutputStream::Stdout => ExecEvent::Stdout(data),
+            OutputStream::Stderr => ExecEvent::Stderr(data),
+        });
+        self.ready.notify_all();
+        Ok(())
+    }
+
+    fn finish(&self, status: ExecStatus) {
+        let mut queue = lock(&self.queue);
+        if queue.finished {
+            return;
+        }
+        let status = match status {
+            ExecStatus::Exited(_) | ExecStatus::Signaled(_) if queue.killed_at.is_some() => {
+                ExecStatus::TimedOut
+            }
+            other => other,
+        };
+        queue.finished = true;
+        queue.events.push_back(ExecEvent::Exit(status));
+        self.window.close();
+        self.ready.notify_all();
+    }
+}
+
+/// The thread that owns the VM while the session runs.
+struct Monitor {
+    shared: Arc<Shared>,
+    vm: Box<dyn Vm>,
+    events: Receiver<Event>,
+    deadline: Option<Instant>,
+    idle_timeout: Option<Duration>,
+}
+
+impl Monitor {
+    fn run(mut self) {
+        let reason = self.serve();
+        if !self.vm.has_exited() {
+            self.vm.kill();
+        }
+        let execs: Vec<_> = lock(&self.shared.execs).drain().map(|(_, e)| e).collect();
+        for exec in execs {
+            exec.finish(ExecStatus::SessionEnded(reason.clone()));
+        }
+        tracing::debug!(%reason, "session ended");
+        let console = self.vm.console_tail();
+        let mut control = lock(&self.shared.control);
+        control.console = console;
+        control.end = Some(reason);
+        drop(control);
+        self.shared.changed.notify_all();
+    }
+
+    fn serve(&mut self) -> EndReason {
+        let mut checked = Instant::now();
+        loop {
+            match self.events.recv_timeout(TICK) {
+                Ok(Event::Guest(message)) => {
+                    if let Err(reason) = self.route(message) {
+                        return EndReason::ProtocolError(reason);
+                    }
+                    if checked.elapsed() < TICK {
+                        continue;
+                    }
+                }
+                Ok(Event::Invalid(reason)) => return EndReason::ProtocolError(reason),
+                Ok(Event::Closed(error)) => {
+                    if let Some(error) = error {
+                        tracing::debug!("the control channel failed: {error}");
+                    }
+                    return self.channel_end();
+                }
+                Err(RecvTimeoutError::Disconnected) => return self.channel_end(),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if let Some(reason) = self.check() {
+                return reason;
+            }
+            checked = Instant::now();
+        }
+    }
+
+    /// The channel ends when the VM does; a channel that fails under a
+    /// running VM leaves a session nobody can talk to, which is a crash.
+    fn channel_end(&mut self) -> EndReason {
+        self.vm.wait_exit(Duration::from_secs(2));
+        self.vm_end()
+    }
+
+    fn vm_end(&mut self) -> EndReason {
+        if self.vm.powered_off_by_guest() {
+            EndReason::PoweredOff
+        } else {
+            EndReason::Crashed
+        }
+    }
+
+    /// The clocks, the VM and stop requests, once per tick (and after
+    /// bursts of messages, which a flood cannot postpone past a tick).
+    fn check(&mut self) -> Option<EndReason> {
+        let now = Instant::now();
+        if self.vm.has_exited() {
+            return Some(self.vm_end());
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Some(EndReason::SessionTimeout);
+        }
+        let (stop, idle_since) = {
+            let control = lock(&self.shared.control);
+            (control.stop, control.last_activity)
+        };
+        match stop {
+            Some(StopKind::Now) => return Some(EndReason::Stopped),
+            Some(StopKind::Graceful) => {
+                let powered_off = self.shared.sender.send(HostMessage::PowerOff).is_ok()
+                    && self.vm.wait_exit(STOP_GRACE);
+                if !powered_off {
+                    tracing::debug!("the guest did not power off in time; killing the VM");
+                }
+                return Some(EndReason::Stopped);
+            }
+            None => {}
+        }
+        let execs: Vec<_> = lock(&self.shared.execs).values().cloned().collect();
+        if execs.is_empty() {
+            if let Some(idle) = self.idle_timeout {
+                if now.duration_since(idle_since) >= idle {
+                    return Some(EndReason::IdleTimeout);
+                }
+            }
+        }
+        for exec in execs {
+            let Some(deadline) = exec.deadline else {
+                continue;
+            };
+            if now < deadline {
+                continue;
+            }
+            let killed_at = lock(&exec.queue).killed_at;
+            match killed_at {
+                None => {
+                    lock(&exec.queue).killed_at = Some(now);
+                    let _ = self.shared.sender.send(HostMessage::Signal {
+                        id: exec.id,
+                        signal: libc::SIGKILL,
+                    });
+                }
+                Some(at) if now.duration_since(at) >= KILL_GRACE => {
+                    lock(&self.shared.execs).remove(&exec.id);
+                    exec.finish(ExecStatus::TimedOut);
+                    self.shared.touch();
+                }
+                Some(_) => {}
+            }
+        }
+        None
+    }
+
+    fn route(&mut self, message: GuestMessage) -> Result<(), String> {
+        let id = match &message {
+            GuestMessage::Stdout { id, .. }
+            | GuestMessage::Stderr { id, .. }
+            | GuestMessage::StdinAck { id, .. }
+            | GuestMessage::Exited { id, .. }
+            | GuestMessage::ExecFailed { id, .. } => *id,
+            other => return Err(format!("unexpected {other:?} after boot")),
+        };
+        let Some(exec) = lock(&self.shared.execs).get(&id).cloned() else {
+            // An exec the host already gave up on (its timeout's grace
+            // ran out) may still report; anything else names no exec.
+            tracing::debug!(id, "message for an exec that is not running");
+            return Ok(());
+        };
+        match message {
+            GuestMessage::Stdout { data, .. } => {
+                exec.push_output(OutputStream::Stdout, data, &self.shared.sender)
+            }
+            GuestMessage::Stderr { data, .. } => {
+                exec.push_output(OutputStream::Stderr, data, &self.shared.sender)
+            }
+            GuestMessage::StdinAck { bytes, .. } => {
+                if exec.window.release(bytes as usize) {
+                    Ok(())
+                } else {
+                    Err("the guest acknowledged stdin it was never sent".into())
+                }
+            }
+            GuestMessage::Exited { status, .. } => {
+                lock(&self.shared.execs).remove(&id);
+                exec.finish(match status {
+                    vmette_proto::ExitStatus::Code(code) => ExecStatus::Exited(code),
+                    vmette_proto::ExitStatus::Signal(signal) => ExecStatus::Signaled(signal),
+                });
+                self.shared.touch();
+                Ok(())
+            }
+            GuestMessage::ExecFailed { message, code, .. } => {
+                lock(&self.shared.execs).remove(&id);
+                exec.finish(ExecStatus::NotStarted { code, message });
+                self.shared.touch();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_stops_at_the_limit_and_says_so() {
+        let mut capture = Capture::new(5);
+        capture.push(b"abc");
+        assert!(!capture.truncated);
+        capture.push(b"defg");
+        assert_eq!(capture.bytes, b"abcde");
+        assert!(capture.truncated);
+    }
+
+    #[test]
+    fn exec_status_codes_follow_the_shell_convention() {
+        assert_eq!(ExecStatus::Exited(3).shell_code(), 3);
+        assert_eq!(ExecStatus::Signaled(2).shell_code(), 130);
+        assert_eq!(ExecStatus::TimedOut.shell_code(), 124);
+        assert_eq!(
+            ExecStatus::SessionEnded(EndReason::IdleTimeout).shell_code(),
+            125
+        );
+    }
+}
