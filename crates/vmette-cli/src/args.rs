@@ -14,10 +14,24 @@ Examples:
   vmette run --share ./src:/src --workdir /src -- ls -la
   vmette run --share ./out:/out:rw -- sh -c 'date > /out/stamp'
   vmette run --timeout 30s --memory 1G --scratch 2G -- make -j2
+  vmette run -t -- bash
+
+Stdin: forwarded when it is not a terminal (a pipe, a file). With -t the
+terminal itself is the command's, through a PTY in the guest, in raw mode
+here (Ctrl-C and Ctrl-\\ go to the guest). With -i a terminal is forwarded
+without a PTY. Otherwise a terminal is not read.
 
 Exit status: the command's own code; 128+N if it died of signal N;
 124 on timeout; 125 if vmette failed before the command ran;
 126/127 if the command could not be started or was not found.";
+
+const SHELL_EXAMPLES: &str = "\
+Examples:
+  vmette shell
+  vmette shell --share .:/work:rw --workdir /work
+  vmette shell -- python3
+
+Exits with the shell's own status.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -45,6 +59,10 @@ pub enum Command {
     /// Boot a microVM, run one command in it, and power it off.
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
+    /// An interactive shell in a throwaway microVM: `run -t` with the
+    /// image's shell, or with the command given.
+    #[command(after_help = SHELL_EXAMPLES)]
+    Shell(Box<RunArgs>),
     /// Fetch the kernel and build the initramfs and default image now.
     #[command(after_help = "Examples:\n  vmette setup\n  vmette setup --rebuild-image")]
     Setup(SetupArgs),
@@ -106,6 +124,13 @@ pub struct RunArgs {
     /// Accelerator: auto picks KVM only where it really works.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
+    /// Give the command a terminal: a PTY in the guest, this terminal in
+    /// raw mode.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Forward stdin even when it is a terminal (without -t: no PTY).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
     /// Run this line with /bin/sh -c instead of a command.
     #[arg(long, value_name = "LINE", conflicts_with = "command")]
     pub sh: Option<String>,

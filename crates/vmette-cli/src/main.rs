@@ -11,6 +11,7 @@ mod doctor;
 mod progress;
 mod run;
 mod setup;
+mod terminal;
 mod values;
 
 use std::process::ExitCode;
@@ -28,6 +29,13 @@ fn main() -> ExitCode {
     init_logging(cli.quiet, cli.verbose);
     let result = match cli.command {
         args::Command::Run(args) => run::run(*args, cli.quiet, cli.verbose),
+        args::Command::Shell(mut args) => {
+            args.tty = true;
+            if args.command.is_empty() && args.sh.is_none() {
+                args.sh = Some(run::IMAGE_SHELL.into());
+            }
+            run::run(*args, cli.quiet, cli.verbose)
+        }
         args::Command::Setup(args) => setup::setup(&args, cli.quiet),
         args::Command::Cache(command) => cache::cache(command),
         args::Command::Doctor(args) => doctor::doctor(args.json),

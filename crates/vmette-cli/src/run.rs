@@ -12,9 +12,15 @@ use vmette::{Accel, Config, OutputStream, Rootfs, RunStatus, Runner, Stdin};
 
 use crate::args::{AccelArg, RunArgs};
 use crate::progress::Spinner;
-use crate::values;
+use crate::{terminal, values};
+
+/// `vmette shell` without a command: root's login shell from the image's
+/// `/etc/passwd`, else `/bin/sh`.
+pub const IMAGE_SHELL: &str =
+    "shell=$(awk -F: '$1 == \"root\" { print $7 }' /etc/passwd 2>/dev/null); exec \"${shell:-/bin/sh}\" -l";
 
 pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> {
+    let tty = args.tty;
     let config = config_from(args)?;
     config.validate()?;
 
@@ -34,7 +40,16 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
         .context("cannot start the signal thread")?;
 
     let engine = vmette::default_engine()?;
-    let spinner = Spinner::new(quiet);
+    let mut runner = Runner::new(&*engine).interrupts(interrupts);
+    // Raw mode from here to the end of the run, restored on every way out
+    // of this function (errors included) before anything is printed.
+    let raw = if tty {
+        runner = runner.resizes(terminal::watch_size()?);
+        Some(terminal::RawMode::enter()?)
+    } else {
+        None
+    };
+    let spinner = Spinner::new(quiet || tty);
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let mut sink = |stream: OutputStream, data: &[u8]| {
@@ -53,11 +68,9 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
             tracing::debug!("host output closed");
         }
     };
-    let output = Runner::new(&*engine)
-        .progress(&spinner)
-        .interrupts(interrupts)
-        .run_streaming(&config, &mut sink)
-        .map_err(|error| explain(error, verbose))?;
+    let output = runner.progress(&spinner).run_streaming(&config, &mut sink);
+    drop(raw);
+    let output = output.map_err(|error| explain(error, verbose))?;
     drop(spinner);
 
     match &output.status {
@@ -141,12 +154,20 @@ fn config_from(args: RunArgs) -> anyhow::Result<Config> {
         }
         Some(path) => Rootfs::Image(path),
     };
-    // A terminal is not forwarded: without a PTY in the guest it would only
-    // swallow keystrokes. Pipes and files are.
-    config.stdin = if std::io::stdin().is_terminal() {
-        Stdin::Null
-    } else {
+    // The stdin rule (see `run --help`): pipes and files are forwarded; a
+    // terminal only with -t (as the guest PTY's) or -i, since without a
+    // PTY it would only swallow keystrokes.
+    let terminal = std::io::stdin().is_terminal();
+    config.stdin = if !terminal || args.tty || args.interactive {
         Stdin::Inherit
+    } else {
+        Stdin::Null
     };
+    if args.tty {
+        if !terminal {
+            bail!("-t needs a terminal on stdin; without one, drop -t and pipe the input");
+        }
+        config.pty = Some(terminal::size());
+    }
     Ok(config)
 }

@@ -102,6 +102,9 @@ pub struct Config {
     pub workdir: Option<String>,
     /// What the command reads on stdin.
     pub stdin: Stdin,
+    /// Run the command on a PTY of this size (stdin then feeds the
+    /// terminal, and all output arrives as stdout).
+    pub pty: Option<vmette_proto::PtySize>,
     /// The root file system.
     pub rootfs: Rootfs,
     /// Host directories to mount.
@@ -145,6 +148,7 @@ impl Config {
             env: Vec::new(),
             workdir: None,
             stdin: Stdin::Null,
+            pty: None,
             rootfs: Rootfs::Default,
             shares: Vec::new(),
             disks: Vec::new(),

@@ -38,4 +38,4 @@ pub use session::{
 };
 pub use vmette_assets as assets;
 pub use vmette_proto::PROTOCOL_VERSION;
-pub use vmette_proto::{OutputStream, PtySize};
+pub use vmette_proto::{OutputStream, PtySize, MAX_PTY_SIDE};

@@ -5,7 +5,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use vmette_assets::{Progress, Silent};
-use vmette_proto::{HostMessage, OutputStream};
+use vmette_proto::{HostMessage, OutputStream, PtySize};
 
 use crate::control;
 use crate::session::{BootAbort, Capture, EndReason, ExecEvent, ExecSpec, ExecStatus, Session};
@@ -71,6 +71,7 @@ pub struct Runner<'a> {
     engine: &'a dyn Engine,
     progress: &'a dyn Progress,
     interrupts: Option<Receiver<i32>>,
+    resizes: Option<Receiver<PtySize>>,
 }
 
 impl<'a> Runner<'a> {
@@ -80,6 +81,7 @@ impl<'a> Runner<'a> {
             engine,
             progress: &Silent,
             interrupts: None,
+            resizes: None,
         }
     }
 
@@ -94,6 +96,13 @@ impl<'a> Runner<'a> {
     /// the run reports [`RunStatus::Interrupted`].
     pub fn interrupts(mut self, interrupts: Receiver<i32>) -> Runner<'a> {
         self.interrupts = Some(interrupts);
+        self
+    }
+
+    /// Terminal sizes received here resize a PTY command's terminal
+    /// ([`Config::pty`]).
+    pub fn resizes(mut self, resizes: Receiver<PtySize>) -> Runner<'a> {
+        self.resizes = Some(resizes);
         self
     }
 
@@ -166,6 +175,13 @@ impl<'a> Runner<'a> {
                     let _ = exec.signal(signal);
                 }
             }
+            if let Some(size) = self.resizes.as_ref().and_then(|r| r.try_iter().last()) {
+                // Only a PTY command has a terminal to resize, and a lost
+                // resize is harmless.
+                if config.pty.is_some() {
+                    let _ = exec.resize(size);
+                }
+            }
             if let Some((signal, until)) = interrupted {
                 if Instant::now() >= until {
                     break RunStatus::Interrupted(signal);
@@ -222,7 +238,7 @@ fn exec_spec(config: &Config) -> ExecSpec {
         env: config.env.clone(),
         workdir: config.workdir.clone(),
         stdin: config.stdin != Stdin::Null,
-        pty: None,
+        pty: config.pty,
         timeout: None,
     }
 }
