@@ -2,7 +2,8 @@
 # Start-up benchmark: `vmette run -- true` against the floor measured in
 # the same run, raw QEMU booting the same kernel with a busybox init that
 # powers off at once, with the same machine, accelerator and kernel
-# arguments vmette uses. Prints both medians and their ratio (target <= 1.3).
+# arguments vmette uses. Prints both medians and their ratio (target <= 1.3),
+# then the exec round trip of `true` in a warm session (p50, p99).
 #
 #   scripts/bench.sh [RUNS]        (default 10 runs each, after 1 warm-up)
 #
@@ -55,3 +56,7 @@ print(f"floor  (raw QEMU, busybox init): median {floor:.3f} s")
 print(f"vmette run -- true            : median {vm:.3f} s")
 print(f"ratio vmette/floor            : {vm / floor:.2f} (target <= 1.30)")
 PY
+
+# Warm-session exec round trip through the library (far fewer runs than
+# the start-up benchmark needs: each is milliseconds).
+cargo run --release --quiet -p vmette --example exec_latency -- $(( runs * 20 ))

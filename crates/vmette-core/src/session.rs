@@ -219,10 +219,19 @@ pub struct ExecStdin {
 
 struct Shared {
     sender: ControlSender,
-    execs: Mutex<HashMap<ExecId, Arc<ExecState>>>,
+    execs: Mutex<ExecTable>,
     next_id: AtomicU32,
     control: Mutex<Lifecycle>,
     changed: Condvar,
+}
+
+/// The running execs. `closed` is set, under the same lock, when the
+/// monitor finishes them all at the session's end, so no exec can slip in
+/// afterwards and wait for ever.
+#[derive(Default)]
+struct ExecTable {
+    running: HashMap<ExecId, Arc<ExecState>>,
+    closed: bool,
 }
 
 struct Lifecycle {
@@ -433,7 +442,7 @@ impl Session {
 
         let shared = Arc::new(Shared {
             sender,
-            execs: Mutex::new(HashMap::new()),
+            execs: Mutex::new(ExecTable::default()),
             next_id: AtomicU32::new(1),
             control: Mutex::new(Lifecycle {
                 stop: None,
@@ -483,10 +492,18 @@ impl Session {
             queue: Mutex::new(ExecQueue::default()),
             ready: Condvar::new(),
         });
-        lock(&self.shared.execs).insert(id, Arc::clone(&state));
+        {
+            let mut table = lock(&self.shared.execs);
+            if table.closed {
+                drop(table);
+                let reason = self.end_reason().unwrap_or(EndReason::Crashed);
+                return Err(Error::SessionEnded(reason));
+            }
+            table.running.insert(id, Arc::clone(&state));
+        }
         self.shared.touch();
         if let Err(error) = self.shared.sender.send(HostMessage::Exec(request)) {
-            lock(&self.shared.execs).remove(&id);
+            lock(&self.shared.execs).running.remove(&id);
             return Err(error);
         }
         Ok(Exec {
@@ -936,7 +953,11 @@ impl Monitor {
         if !self.vm.has_exited() {
             self.vm.kill();
         }
-        let execs: Vec<_> = lock(&self.shared.execs).drain().map(|(_, e)| e).collect();
+        let execs: Vec<_> = {
+            let mut table = lock(&self.shared.execs);
+            table.closed = true;
+            table.running.drain().map(|(_, e)| e).collect()
+        };
         for exec in execs {
             exec.finish(ExecStatus::SessionEnded(reason.clone()));
         }
@@ -1019,7 +1040,7 @@ impl Monitor {
             }
             None => {}
         }
-        let execs: Vec<_> = lock(&self.shared.execs).values().cloned().collect();
+        let execs: Vec<_> = lock(&self.shared.execs).running.values().cloned().collect();
         if execs.is_empty() {
             if let Some(idle) = self.idle_timeout {
                 if now.duration_since(idle_since) >= idle {
@@ -1044,7 +1065,7 @@ impl Monitor {
                     });
                 }
                 Some(at) if now.duration_since(at) >= KILL_GRACE => {
-                    lock(&self.shared.execs).remove(&exec.id);
+                    lock(&self.shared.execs).running.remove(&exec.id);
                     exec.finish(ExecStatus::TimedOut);
                     self.shared.touch();
                 }
@@ -1063,7 +1084,7 @@ impl Monitor {
             | GuestMessage::ExecFailed { id, .. } => *id,
             other => return Err(format!("unexpected {other:?} after boot")),
         };
-        let Some(exec) = lock(&self.shared.execs).get(&id).cloned() else {
+        let Some(exec) = lock(&self.shared.execs).running.get(&id).cloned() else {
             // An exec the host already gave up on (its timeout's grace
             // ran out) may still report; anything else names no exec.
             tracing::debug!(id, "message for an exec that is not running");
@@ -1084,7 +1105,7 @@ impl Monitor {
                 }
             }
             GuestMessage::Exited { status, .. } => {
-                lock(&self.shared.execs).remove(&id);
+                lock(&self.shared.execs).running.remove(&id);
                 exec.finish(match status {
                     vmette_proto::ExitStatus::Code(code) => ExecStatus::Exited(code),
                     vmette_proto::ExitStatus::Signal(signal) => ExecStatus::Signaled(signal),
@@ -1093,7 +1114,7 @@ impl Monitor {
                 Ok(())
             }
             GuestMessage::ExecFailed { message, code, .. } => {
-                lock(&self.shared.execs).remove(&id);
+                lock(&self.shared.execs).running.remove(&id);
                 exec.finish(ExecStatus::NotStarted { code, message });
                 self.shared.touch();
                 Ok(())

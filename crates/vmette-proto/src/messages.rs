@@ -343,6 +343,13 @@ impl GuestMessage {
             {
                 invalid("output", "chunk too large")
             }
+            // Empty chunks cost the host a queue entry each and carry
+            // nothing; the agent never sends them.
+            GuestMessage::Stdout { data, .. } | GuestMessage::Stderr { data, .. }
+                if data.is_empty() =>
+            {
+                invalid("output", "empty chunk")
+            }
             GuestMessage::StdinAck { bytes, .. } if *bytes as usize > STDIN_WINDOW => {
                 invalid("stdin ack", "acknowledges more than the window")
             }
@@ -527,6 +534,11 @@ mod tests {
             data: vec![0; MAX_CHUNK_LEN + 1],
         };
         assert!(stdout.validate().is_err());
+        let empty = GuestMessage::Stderr {
+            id: 1,
+            data: vec![],
+        };
+        assert!(empty.validate().is_err());
     }
 
     #[test]
