@@ -49,12 +49,18 @@ pub fn build_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, 
         .tempdir_in(&images)
         .map_err(AssetError::io("cannot create a build directory"))?;
     let image = work.path().join(DEFAULT_IMAGE);
+    // mmdebstrap's own temporary files (a gpg home among them, which it
+    // does not always remove) go where the build directory's removal
+    // takes them, never into the caller's TMPDIR.
+    let scratch = work.path().join("tmp");
+    fs::create_dir(&scratch).map_err(AssetError::io("cannot create a build directory"))?;
     progress.step(&format!(
         "building Debian {SUITE} minbase with mmdebstrap (takes a minute)"
     ));
     if is_root() {
         let tree = work.path().join("tree");
         run(tool("mmdebstrap")
+            .env("TMPDIR", &scratch)
             .args(["--quiet", "--variant=minbase", "--mode=root"])
             .arg(format!("--include={EXTRA_PACKAGES}"))
             .arg(SUITE)
@@ -65,6 +71,7 @@ pub fn build_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, 
     } else {
         let tarball = work.path().join("rootfs.tar");
         run(tool("mmdebstrap")
+            .env("TMPDIR", &scratch)
             .args(["--quiet", "--variant=minbase", "--mode=unshare"])
             .arg(format!("--include={EXTRA_PACKAGES}"))
             .arg(SUITE)

@@ -22,6 +22,8 @@ pub const MAX_VCPUS: u8 = 64;
 pub const MIN_SCRATCH_MIB: u64 = 16;
 /// Default cap on each captured output stream.
 pub const DEFAULT_CAPTURE_LIMIT: usize = 1 << 20;
+/// Default cap on one file transfer in a session, bytes.
+pub const DEFAULT_TRANSFER_LIMIT: u64 = 1 << 30;
 
 /// Where the guest's root file system comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -119,6 +121,9 @@ pub struct Config {
     pub timeout: Option<Duration>,
     /// End a session after this long with no exec running; `None` never.
     pub idle_timeout: Option<Duration>,
+    /// The most bytes one file transfer of a session may move (a file
+    /// written or read, a tree copied in or out).
+    pub transfer_limit: u64,
     /// Virtual CPUs.
     pub vcpus: u8,
     /// Guest memory, MiB.
@@ -155,6 +160,7 @@ impl Config {
             scratch_mib: None,
             timeout: None,
             idle_timeout: None,
+            transfer_limit: DEFAULT_TRANSFER_LIMIT,
             vcpus: 1,
             memory_mib: DEFAULT_MEMORY_MIB,
             kernel: None,
@@ -224,6 +230,9 @@ impl Config {
             if timeout.is_zero() {
                 return invalid("timeout", "must be longer than zero");
             }
+        }
+        if self.transfer_limit == 0 {
+            return invalid("transfer limit", "must be at least one byte");
         }
         if self.idle_timeout.is_some_and(|t| t.is_zero()) {
             return invalid("idle timeout", "must be longer than zero");

@@ -2,70 +2,179 @@
 //! and a reader thread that validates every guest message and turns it into
 //! an [`Event`].
 //!
-//! Nothing that sends ever blocks on the socket: a guest that stops
-//! reading stalls only the writer thread, never the run loop, which can
-//! still honour its deadline and Ctrl-C by killing the VM (which closes
-//! the socket and ends the writer).
+//! Nothing the session's monitor sends ever blocks on the socket: a guest
+//! that stops reading stalls only the writer thread, never the monitor,
+//! which can still honour deadlines and stop requests by killing the VM.
+//! What waits for the writer is bounded: stdin data by
+//! [`QUEUED_DATA_LIMIT`] (its senders wait for room), output credit by
+//! merging all credit for one stream into one pending count, and each frame
+//! by [`FRAME_DEADLINE`], after which a guest that reads too slowly has
+//! broken the channel.
 
-use std::io::Read;
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{self, Sender, SyncSender};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmette_proto::{
-    read_frame, write_frame, FrameError, GuestMessage, HostMessage, MAX_CHUNK_LEN, STDIN_WINDOW,
+    read_frame, write_frame, ExecId, FrameError, GuestMessage, HostMessage, OutputStream,
+    MAX_CHUNK_LEN, OUTPUT_WINDOW, STDIN_WINDOW,
 };
 
 use crate::session::ExecStdin;
 use crate::Error;
 
-/// How long one write to the guest may block before the channel counts as
-/// broken. The guest agent reads continuously, so only a wedged guest
-/// makes a write wait this long.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest may take to read one whole frame. The agent reads
+/// continuously, so only a wedged or hostile guest takes this long.
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Most events waiting for the run loop. When the host falls behind (a
-/// slow terminal), the reader stops reading, the guest's writes stall, and
-/// the guest command blocks on a full pipe: a flood of output from the
-/// guest costs the host at most this many frames of memory.
+/// Most stdin bytes queued for the writer, over all execs. Stdin senders
+/// wait while the queue holds this much, so a guest that acknowledges
+/// stdin it has not been sent yet cannot make the host buffer more.
+pub const QUEUED_DATA_LIMIT: usize = 1 << 20;
+
+/// Most events waiting for the monitor. When the host falls behind, the
+/// reader stops reading, and the guest's writes stall: a flood of frames
+/// costs the host at most this many frames of memory.
 pub const EVENT_QUEUE: usize = 64;
 
-/// What the run loop waits for.
+/// What the monitor waits for.
 #[derive(Debug)]
 pub enum Event {
     /// A validated message from the guest.
     Guest(GuestMessage),
     /// The channel ended; `None` for a clean end of stream.
     Closed(Option<FrameError>),
-    /// The guest sent a message that fails validation.
+    /// The guest sent a message that fails validation, a frame that cannot
+    /// be one, or stopped reading.
     Invalid(String),
 }
 
-/// Queues host messages for the writer thread; cheap to clone, never blocks.
+/// Queues host messages for the writer thread; cheap to clone.
 #[derive(Clone)]
 pub struct ControlSender {
-    queue: Sender<HostMessage>,
+    outgoing: Arc<Outgoing>,
+}
+
+struct Outgoing {
+    state: Mutex<OutgoingState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct OutgoingState {
+    messages: VecDeque<HostMessage>,
+    /// Stdin bytes among `messages`.
+    queued_data: usize,
+    /// Credit not yet written, one count per stream.
+    credit: HashMap<(ExecId, OutputStream), usize>,
+    /// The writer is gone, or the session told it to go.
+    closed: bool,
+}
+
+fn broken_pipe() -> Error {
+    Error::Channel(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()))
 }
 
 impl ControlSender {
-    /// Queues `message`. Fails only once the writer is gone, after a write
-    /// failed; whole frames are written or none, so the stream never
+    fn lock(&self) -> MutexGuard<'_, OutgoingState> {
+        self.outgoing
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `message`. Stdin data waits while [`QUEUED_DATA_LIMIT`] bytes
+    /// are queued; everything else is queued at once. Fails once the writer
+    /// is gone; whole frames are written or none, so the stream never
     /// carries half a frame followed by another.
     pub fn send(&self, message: HostMessage) -> Result<(), Error> {
-        self.queue
-            .send(message)
-            .map_err(|_| Error::Channel(FrameError::Io(std::io::ErrorKind::BrokenPipe.into())))
+        let data = match &message {
+            HostMessage::Stdin { data, .. } => data.len(),
+            _ => 0,
+        };
+        let mut state = self.lock();
+        while data > 0 && !state.closed && state.queued_data + data > QUEUED_DATA_LIMIT {
+            state = self
+                .outgoing
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if state.closed {
+            return Err(broken_pipe());
+        }
+        state.queued_data += data;
+        state.messages.push_back(message);
+        self.outgoing.changed.notify_all();
+        Ok(())
+    }
+
+    /// Grants the guest `bytes` more of an exec's output stream. Credit
+    /// not yet written is merged, so credit never piles up in the queue.
+    pub fn credit(&self, id: ExecId, stream: OutputStream, bytes: usize) {
+        let mut state = self.lock();
+        if state.closed {
+            return;
+        }
+        let pending = state.credit.entry((id, stream)).or_default();
+        *pending = (*pending + bytes).min(OUTPUT_WINDOW);
+        self.outgoing.changed.notify_all();
+    }
+
+    /// Ends the writer once it has written what is queued; later sends fail.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.outgoing.changed.notify_all();
+    }
+
+    /// The next frames to write: all pending credit, then one message;
+    /// `None` once closed with nothing left.
+    fn next_batch(&self) -> Option<Vec<HostMessage>> {
+        let mut state = self.lock();
+        loop {
+            let mut batch: Vec<HostMessage> = state
+                .credit
+                .drain()
+                .map(|((id, stream), bytes)| HostMessage::OutputCredit {
+                    id,
+                    stream,
+                    bytes: bytes as u32,
+                })
+                .collect();
+            if let Some(message) = state.messages.pop_front() {
+                batch.push(message);
+            }
+            if !batch.is_empty() {
+                return Some(batch);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self
+                .outgoing
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// A stdin chunk left the queue.
+    fn written(&self, message: &HostMessage) {
+        if let HostMessage::Stdin { data, .. } = message {
+            let mut state = self.lock();
+            state.queued_data = state.queued_data.saturating_sub(data.len());
+            self.outgoing.changed.notify_all();
+        }
     }
 }
 
 /// Starts the writer and reader threads on a connected control stream; the
 /// reader feeds `events`, and so does the writer if a write fails.
 pub fn start(stream: UnixStream, events: SyncSender<Event>) -> Result<ControlSender, Error> {
-    stream
-        .set_write_timeout(Some(WRITE_TIMEOUT))
-        .map_err(Error::io("cannot configure the control channel"))?;
     let reader = stream
         .try_clone()
         .map_err(Error::io("cannot clone the control channel"))?;
@@ -74,25 +183,70 @@ pub fn start(stream: UnixStream, events: SyncSender<Event>) -> Result<ControlSen
         .name("vmette-control-read".into())
         .spawn(move || read_loop(reader, &events))
         .map_err(Error::io("cannot start the control reader"))?;
-    let (queue, outgoing) = mpsc::channel();
+    let sender = ControlSender {
+        outgoing: Arc::new(Outgoing {
+            state: Mutex::new(OutgoingState::default()),
+            changed: Condvar::new(),
+        }),
+    };
+    let writer = sender.clone();
     thread::Builder::new()
         .name("vmette-control-write".into())
-        .spawn(move || write_loop(stream, &outgoing, &writer_events))
+        .spawn(move || write_loop(stream, &writer, &writer_events))
         .map_err(Error::io("cannot start the control writer"))?;
-    Ok(ControlSender { queue })
+    Ok(sender)
 }
 
-fn write_loop(
-    mut stream: UnixStream,
-    outgoing: &mpsc::Receiver<HostMessage>,
-    events: &SyncSender<Event>,
-) {
-    for message in outgoing {
-        if let Err(error) = write_frame(&mut stream, &message) {
-            let _ = events.send(Event::Closed(Some(error)));
-            return;
+fn write_loop(mut stream: UnixStream, sender: &ControlSender, events: &SyncSender<Event>) {
+    let mut frame = Vec::new();
+    while let Some(batch) = sender.next_batch() {
+        for message in batch {
+            frame.clear();
+            let written = write_frame(&mut frame, &message)
+                .and_then(|()| write_by(&mut stream, &frame, Instant::now() + FRAME_DEADLINE));
+            sender.written(&message);
+            if let Err(error) = written {
+                sender.close();
+                let event = match error {
+                    FrameError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        Event::Invalid(format!(
+                            "the guest did not read a frame within {FRAME_DEADLINE:?}"
+                        ))
+                    }
+                    other => Event::Closed(Some(other)),
+                };
+                let _ = events.send(event);
+                return;
+            }
         }
     }
+}
+
+/// Writes all of `bytes` before `deadline`, however slowly the peer reads.
+fn write_by(
+    stream: &mut UnixStream,
+    mut bytes: &[u8],
+    deadline: Instant,
+) -> Result<(), FrameError> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(FrameError::Io(std::io::ErrorKind::TimedOut.into()));
+        }
+        stream
+            .set_write_timeout(Some(left))
+            .map_err(FrameError::Io)?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(FrameError::Io(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(FrameError::Io(std::io::ErrorKind::TimedOut.into()))
+            }
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(())
 }
 
 fn read_loop(mut reader: UnixStream, events: &SyncSender<Event>) {
@@ -103,6 +257,11 @@ fn read_loop(mut reader: UnixStream, events: &SyncSender<Event>) {
                 Err(e) => Event::Invalid(e.to_string()),
             },
             Ok(None) => Event::Closed(None),
+            // A frame no honest agent sends breaks the protocol; a stream
+            // that ends or fails is the VM going away.
+            Err(e @ (FrameError::TooLarge(_) | FrameError::Malformed(_))) => {
+                Event::Invalid(e.to_string())
+            }
             Err(e) => Event::Closed(Some(e)),
         };
         let last = matches!(event, Event::Closed(_) | Event::Invalid(_));

@@ -40,6 +40,20 @@ pub enum Error {
     /// The control channel to the guest failed.
     #[error("the control channel to the guest failed")]
     Channel(#[source] FrameError),
+    /// A file operation in the guest failed; the session goes on.
+    #[error("{message}")]
+    File {
+        /// The guest path.
+        path: String,
+        /// What kind of failure.
+        kind: vmette_proto::FileErrorKind,
+        /// One sentence from the guest.
+        message: String,
+    },
+    /// A tree copied out of the guest could not be unpacked on the host;
+    /// nothing was written outside the target directory.
+    #[error("cannot unpack the tree copied out of the guest")]
+    Unpack(#[source] crate::tree::UnpackError),
     /// The session ended, so it can run nothing more.
     #[error("the session has ended: {0}")]
     SessionEnded(crate::EndReason),
@@ -68,7 +82,9 @@ impl Error {
             Error::InvalidConfig { .. }
             | Error::Assets(_)
             | Error::Protocol(_)
-            | Error::SessionEnded(_) => false,
+            | Error::SessionEnded(_)
+            | Error::File { .. }
+            | Error::Unpack(_) => false,
             Error::StartFailed(_)
             | Error::BootFailed { .. }
             | Error::Channel(_)

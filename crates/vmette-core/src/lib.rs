@@ -20,6 +20,7 @@ mod config;
 mod control;
 pub mod engine;
 mod error;
+mod files;
 pub mod process;
 mod run;
 mod session;
@@ -27,7 +28,7 @@ pub mod tree;
 
 pub use config::{
     Accel, Config, Disk, Rootfs, Share, Stdin, DEFAULT_CAPTURE_LIMIT, DEFAULT_MEMORY_MIB,
-    MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_SCRATCH_MIB,
+    DEFAULT_TRANSFER_LIMIT, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_SCRATCH_MIB,
 };
 pub use engine::{Check, Engine, EngineError, Vm, VmSpec};
 pub use error::Error;
@@ -38,4 +39,7 @@ pub use session::{
 };
 pub use vmette_assets as assets;
 pub use vmette_proto::PROTOCOL_VERSION;
-pub use vmette_proto::{OutputStream, PtySize, MAX_PTY_SIDE};
+pub use vmette_proto::{
+    DirEntry, FileErrorKind, FileKind, FileStat, OutputStream, PtySize, MAX_LIST_ENTRIES,
+    MAX_PTY_SIDE,
+};

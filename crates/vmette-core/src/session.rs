@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use vmette_assets::Progress;
 use vmette_proto::{
-    ExecId, ExecRequest, GuestMessage, HostMessage, OutputStream, PtySize, MAX_CHUNK_LEN,
-    OUTPUT_WINDOW, PROTOCOL_VERSION,
+    ExecId, ExecRequest, FileError, FileReply, GuestMessage, HostMessage, OutputStream, PtySize,
+    MAX_CHUNK_LEN, OUTPUT_WINDOW, PROTOCOL_VERSION,
 };
 
 use crate::control::{self, ControlSender, Event, StdinWindow};
@@ -187,6 +187,7 @@ pub enum ExecEvent {
 /// force after [`STOP_GRACE`].
 pub struct Session {
     shared: Arc<Shared>,
+    transfer_limit: u64,
     monitor: Option<JoinHandle<()>>,
     // Released after the monitor, which owns the VM, has ended; the
     // watchdog last, since it guards both.
@@ -274,6 +275,8 @@ struct ExecQueue {
     detached: bool,
     /// When the host killed the command for its timeout.
     killed_at: Option<Instant>,
+    /// How a file operation ended, once it has.
+    file_result: Option<Result<FileReply, FileError>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -335,7 +338,7 @@ impl Session {
     ) -> Result<Session, BootAbort> {
         let started = Instant::now();
         config.validate_machine()?;
-        let session_deadline = config.timeout.map(|t| started + t);
+        let session_deadline = config.timeout.and_then(|t| started.checked_add(t));
         let deadline = match (deadline, session_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -374,6 +377,7 @@ impl Session {
         };
 
         // Hello, then the envelope, then Ready.
+        let mut greeted = false;
         loop {
             if let Some(signal) = interrupts.and_then(|i| i.try_recv().ok()) {
                 vm.kill();
@@ -406,6 +410,11 @@ impl Session {
                     version,
                     agent_version,
                 }) => {
+                    if greeted {
+                        vm.kill();
+                        return Err(Error::Protocol("the guest said hello twice".into()).into());
+                    }
+                    greeted = true;
                     if version != PROTOCOL_VERSION {
                         vm.kill();
                         return Err(Error::Protocol(format!(
@@ -465,6 +474,7 @@ impl Session {
             .map_err(Error::io("cannot start the session monitor"))?;
         Ok(Session {
             shared,
+            transfer_limit: config.transfer_limit,
             monitor: Some(monitor),
             run_dir: Some(run_dir),
             watchdog: Some(watchdog),
@@ -473,21 +483,34 @@ impl Session {
 
     /// Starts a command. Many may run at once.
     pub fn exec(&self, spec: &ExecSpec) -> Result<Exec, Error> {
+        // A timeout too long to represent is no timeout.
+        let deadline = spec.timeout.and_then(|t| Instant::now().checked_add(t));
+        self.open(spec.pty.is_some(), deadline, |id| {
+            HostMessage::Exec(spec.request(id))
+        })
+    }
+
+    /// Starts an operation with a fresh id: an exec, or a file operation
+    /// (which uses the same queue, stdin window and credit).
+    pub(crate) fn open(
+        &self,
+        pty: bool,
+        deadline: Option<Instant>,
+        message: impl FnOnce(ExecId) -> HostMessage,
+    ) -> Result<Exec, Error> {
         if let Some(reason) = self.end_reason() {
             return Err(Error::SessionEnded(reason));
         }
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let request = spec.request(id);
-        HostMessage::Exec(request.clone())
-            .validate()
-            .map_err(|e| Error::InvalidConfig {
-                field: e.field,
-                reason: e.reason.to_string(),
-            })?;
+        let id = self.shared.next_id();
+        let request = message(id);
+        request.validate().map_err(|e| Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason.to_string(),
+        })?;
         let state = Arc::new(ExecState {
             id,
-            pty: spec.pty.is_some(),
-            deadline: spec.timeout.map(|t| Instant::now() + t),
+            pty,
+            deadline,
             window: Arc::new(StdinWindow::default()),
             queue: Mutex::new(ExecQueue::default()),
             ready: Condvar::new(),
@@ -502,7 +525,7 @@ impl Session {
             table.running.insert(id, Arc::clone(&state));
         }
         self.shared.touch();
-        if let Err(error) = self.shared.sender.send(HostMessage::Exec(request)) {
+        if let Err(error) = self.shared.sender.send(request) {
             lock(&self.shared.execs).running.remove(&id);
             return Err(error);
         }
@@ -510,6 +533,11 @@ impl Session {
             state,
             sender: self.shared.sender.clone(),
         })
+    }
+
+    /// The most bytes one file transfer may move ([`Config::transfer_limit`]).
+    pub fn transfer_limit(&self) -> u64 {
+        self.transfer_limit
     }
 
     /// A handle that stops this session from another thread.
@@ -549,7 +577,7 @@ impl Session {
     /// Waits until the session ends by itself or is stopped, or `timeout`
     /// passes; the reason, or `None` on timeout.
     pub fn wait_end(&self, timeout: Duration) -> Option<EndReason> {
-        self.shared.wait_end(Instant::now() + timeout)
+        self.shared.wait_end(Instant::now().checked_add(timeout))
     }
 
     fn finish(&mut self) -> EndReason {
@@ -584,6 +612,18 @@ impl StopHandle {
 }
 
 impl Shared {
+    /// A fresh exec id: ids wrap after 2^32 execs, so one still in use is
+    /// skipped rather than reused.
+    fn next_id(&self) -> ExecId {
+        let table = lock(&self.execs);
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !table.running.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
     fn touch(&self) {
         lock(&self.control).last_activity = Instant::now();
     }
@@ -598,21 +638,29 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    fn wait_end(&self, until: Instant) -> Option<EndReason> {
+    /// Waits for the end until `until`; `None` waits as long as it takes.
+    fn wait_end(&self, until: Option<Instant>) -> Option<EndReason> {
         let mut control = lock(&self.control);
         loop {
             if let Some(end) = &control.end {
                 return Some(end.clone());
             }
-            let now = Instant::now();
-            if now >= until {
-                return None;
-            }
-            control = self
-                .changed
-                .wait_timeout(control, until - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            control = match until {
+                None => self
+                    .changed
+                    .wait(control)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(until) => {
+                    let now = Instant::now();
+                    if now >= until {
+                        return None;
+                    }
+                    self.changed
+                        .wait_timeout(control, until - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
         }
     }
 }
@@ -633,7 +681,7 @@ impl Exec {
     /// passed first, `Ok(None)` after [`ExecEvent::Exit`] was handed out.
     #[allow(clippy::result_unit_err)]
     pub fn next_event_timeout(&self, timeout: Duration) -> Result<Option<ExecEvent>, ()> {
-        self.next_event_until(Some(Instant::now() + timeout))
+        self.next_event_until(Instant::now().checked_add(timeout))
     }
 
     fn next_event_until(&self, deadline: Option<Instant>) -> Result<Option<ExecEvent>, ()> {
@@ -765,6 +813,13 @@ impl Exec {
     }
 }
 
+impl Exec {
+    /// How a file operation ended: its reply, once its end was handed out.
+    pub(crate) fn file_result(&self) -> Option<Result<FileReply, FileError>> {
+        lock(&self.state.queue).file_result.take()
+    }
+}
+
 impl Drop for Exec {
     fn drop(&mut self) {
         let mut queue = lock(&self.state.queue);
@@ -876,13 +931,7 @@ impl ExecQueue {
             let credit = self.consumed[i];
             self.consumed[i] = 0;
             self.owed[i] = self.owed[i].saturating_sub(credit);
-            // A send fails only when the channel is gone, and then the
-            // session is ending anyway.
-            let _ = sender.send(HostMessage::OutputCredit {
-                id,
-                stream,
-                bytes: credit as u32,
-            });
+            sender.credit(id, stream, credit);
         }
     }
 }
@@ -920,13 +969,20 @@ impl ExecState {
         Ok(())
     }
 
+    fn finish_file(&self, result: Result<FileReply, FileError>) {
+        lock(&self.queue).file_result = Some(result);
+        self.finish(ExecStatus::Exited(0));
+    }
+
     fn finish(&self, status: ExecStatus) {
         let mut queue = lock(&self.queue);
         if queue.finished {
             return;
         }
         let status = match status {
-            ExecStatus::Exited(_) | ExecStatus::Signaled(_) if queue.killed_at.is_some() => {
+            ExecStatus::Exited(_) | ExecStatus::Signaled(_) | ExecStatus::NotStarted { .. }
+                if queue.killed_at.is_some() =>
+            {
                 ExecStatus::TimedOut
             }
             other => other,
@@ -961,6 +1017,8 @@ impl Monitor {
         for exec in execs {
             exec.finish(ExecStatus::SessionEnded(reason.clone()));
         }
+        // The writer ends; stdin pumps still holding a sender fail at once.
+        self.shared.sender.close();
         tracing::debug!(%reason, "session ended");
         let console = self.vm.console_tail();
         let mut control = lock(&self.shared.control);
@@ -1031,9 +1089,17 @@ impl Monitor {
         match stop {
             Some(StopKind::Now) => return Some(EndReason::Stopped),
             Some(StopKind::Graceful) => {
-                let powered_off = self.shared.sender.send(HostMessage::PowerOff).is_ok()
-                    && self.vm.wait_exit(STOP_GRACE);
-                if !powered_off {
+                if self.shared.sender.send(HostMessage::PowerOff).is_ok() {
+                    // In ticks, so that a kill asked for meanwhile is not
+                    // kept waiting for the grace period.
+                    let until = now + STOP_GRACE;
+                    while Instant::now() < until
+                        && !self.vm.wait_exit(TICK)
+                        && lock(&self.shared.control).stop == Some(StopKind::Graceful)
+                    {
+                    }
+                }
+                if !self.vm.has_exited() {
                     tracing::debug!("the guest did not power off in time; killing the VM");
                 }
                 return Some(EndReason::Stopped);
@@ -1081,7 +1147,8 @@ impl Monitor {
             | GuestMessage::Stderr { id, .. }
             | GuestMessage::StdinAck { id, .. }
             | GuestMessage::Exited { id, .. }
-            | GuestMessage::ExecFailed { id, .. } => *id,
+            | GuestMessage::ExecFailed { id, .. }
+            | GuestMessage::FileDone { id, .. } => *id,
             other => return Err(format!("unexpected {other:?} after boot")),
         };
         let Some(exec) = lock(&self.shared.execs).running.get(&id).cloned() else {
@@ -1110,6 +1177,12 @@ impl Monitor {
                     vmette_proto::ExitStatus::Code(code) => ExecStatus::Exited(code),
                     vmette_proto::ExitStatus::Signal(signal) => ExecStatus::Signaled(signal),
                 });
+                self.shared.touch();
+                Ok(())
+            }
+            GuestMessage::FileDone { result, .. } => {
+                lock(&self.shared.execs).running.remove(&id);
+                exec.finish_file(result);
                 self.shared.touch();
                 Ok(())
             }

@@ -89,6 +89,14 @@ pub enum UnpackError {
 /// members. The tar crate buffers these whole, so they need their own bound.
 const MAX_HEADER_BYTES: u64 = 1 << 20;
 
+/// Longest member path accepted, in bytes (Linux's `PATH_MAX`): longer
+/// ones would leave a tree most host tools cannot handle.
+const MAX_PATH_BYTES: usize = 4096;
+
+/// Deepest member path accepted, in components; every member costs one
+/// `openat` per level.
+const MAX_DEPTH: usize = 256;
+
 /// Unpacks the tar stream `source` into the existing directory `target`.
 ///
 /// Regular files, directories, symlinks and hard links to files unpacked
@@ -200,8 +208,11 @@ impl State {
             };
         };
         let key = path_key(&parts);
+        // Nothing the guest sends becomes writable by other users of the
+        // host, or unreadable by its owner.
         let mode = || match entry.header().mode() {
-            Ok(mode) => Ok(mode & 0o777),
+            Ok(mode) if kind.is_dir() => Ok(mode & 0o755 | 0o700),
+            Ok(mode) => Ok(mode & 0o755),
             Err(e) => Err(UnpackError::Malformed(e.to_string())),
         };
         match kind {
@@ -349,6 +360,9 @@ fn member_parts(raw: &[u8]) -> Result<Vec<&OsStr>, &'static str> {
     if raw.first() == Some(&b'/') {
         return Err("absolute path");
     }
+    if raw.len() > MAX_PATH_BYTES {
+        return Err("path longer than 4096 bytes");
+    }
     let mut parts = Vec::new();
     for part in raw.split(|b| *b == b'/') {
         match part {
@@ -356,6 +370,9 @@ fn member_parts(raw: &[u8]) -> Result<Vec<&OsStr>, &'static str> {
             b".." => return Err("path contains `..`"),
             _ => parts.push(OsStr::from_bytes(part)),
         }
+    }
+    if parts.len() > MAX_DEPTH {
+        return Err("path deeper than 256 levels");
     }
     Ok(parts)
 }
@@ -583,10 +600,11 @@ mod tests {
         }
         symlink("d0/sub0/f0", source.path().join("link")).expect("symlink");
         symlink("/etc/passwd", source.path().join("d1/abs")).expect("symlink");
-        // A directory without owner write still receives its contents.
+        // Modes within what unpacking keeps (no write for others, the
+        // owner's rwx on directories) come back as they were.
         fs::set_permissions(
             source.path().join("d2/sub2"),
-            fs::Permissions::from_mode(0o555),
+            fs::Permissions::from_mode(0o750),
         )
         .expect("chmod");
 
@@ -772,21 +790,40 @@ mod tests {
     }
 
     #[test]
-    fn setuid_setgid_and_sticky_bits_are_stripped() {
+    fn modes_lose_special_bits_and_write_for_others_and_keep_the_owners_access() {
         let members = [
-            member(EntryType::Directory, "d", "", 0o3775, b""),
-            member(EntryType::Regular, "d/f", "", 0o4755, b"x"),
+            member(EntryType::Directory, "d", "", 0o3777, b""),
+            member(EntryType::Regular, "d/f", "", 0o4777, b"x"),
+            member(EntryType::Directory, "locked", "", 0o000, b""),
+            member(EntryType::Regular, "locked/g", "", 0o000, b"y"),
         ];
         let (_outer, target, result) = unpack_members(&members);
         result.expect("unpack");
-        assert_eq!(
-            fs::metadata(target.join("d")).expect("stat").mode() & 0o7777,
-            0o775
-        );
-        assert_eq!(
-            fs::metadata(target.join("d/f")).expect("stat").mode() & 0o7777,
-            0o755
-        );
+        let mode = |p: &str| fs::metadata(target.join(p)).expect("stat").mode() & 0o7777;
+        assert_eq!(mode("d"), 0o755);
+        assert_eq!(mode("d/f"), 0o755);
+        assert_eq!(mode("locked"), 0o700, "the owner can still remove it");
+        assert_eq!(mode("locked/g"), 0o000);
+    }
+
+    #[test]
+    fn overlong_and_overdeep_paths_are_refused() {
+        let long = "a".repeat(MAX_PATH_BYTES + 1);
+        let deep = vec!["d"; MAX_DEPTH + 1].join("/");
+        for path in [long, deep] {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(EntryType::Regular);
+            header.set_size(1);
+            header.set_mode(0o644);
+            let mut builder = tar::Builder::new(Vec::new());
+            builder
+                .append_data(&mut header, &path, &b"x"[..])
+                .expect("append");
+            let bytes = builder.into_inner().expect("finish");
+            let (outer, target) = sandbox();
+            assert_escape(unpack(&bytes[..], &target, &LIMITS));
+            assert_only_target(&outer);
+        }
     }
 
     #[test]

@@ -31,10 +31,10 @@ use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{setsid, Pid};
 use vmette_proto::{
     ExecId, ExecRequest, ExitStatus, GuestMessage, OutputStream, PtySize, MAX_CHUNK_LEN,
-    OUTPUT_WINDOW,
 };
 
 use crate::channel::Outbox;
+use crate::credit::Credit;
 
 /// How long the output pipes may stay silent, after the command exited,
 /// before the exit status is sent anyway. A background process that keeps
@@ -48,74 +48,6 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 /// The terminal type a PTY exec gets unless its request sets `TERM`.
 const PTY_TERM: &str = "xterm-256color";
 
-/// What the output threads tell the finisher.
-enum Drain {
-    /// A chunk went out.
-    Progress,
-    /// The stream is out of credit: the host is slow, not the pipe silent,
-    /// so the finisher waits without a deadline until `Progress`.
-    Blocked,
-    /// The pipe reached end-of-file.
-    Done,
-}
-
-/// How many more bytes one output stream may send.
-struct Credit {
-    state: Mutex<CreditState>,
-    changed: Condvar,
-}
-
-struct CreditState {
-    available: usize,
-    closed: bool,
-}
-
-impl Credit {
-    fn new() -> Arc<Credit> {
-        Arc::new(Credit {
-            state: Mutex::new(CreditState {
-                available: OUTPUT_WINDOW,
-                closed: false,
-            }),
-            changed: Condvar::new(),
-        })
-    }
-
-    /// Takes up to `want` bytes of credit, waiting for some if there is
-    /// none (after telling the finisher); 0 once the exec is gone.
-    fn take(&self, want: usize, finisher: &mpsc::Sender<Drain>) -> usize {
-        let mut state = lock(&self.state);
-        if state.available == 0 && !state.closed {
-            let _ = finisher.send(Drain::Blocked);
-        }
-        while state.available == 0 && !state.closed {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        if state.closed {
-            return 0;
-        }
-        let granted = want.min(state.available);
-        state.available -= granted;
-        granted
-    }
-
-    fn grant(&self, bytes: usize) {
-        let mut state = lock(&self.state);
-        // A host that grants beyond the window only hurts itself; the cap
-        // keeps the guest's own accounting bounded.
-        state.available = (state.available + bytes).min(OUTPUT_WINDOW);
-        self.changed.notify_all();
-    }
-
-    fn close(&self) {
-        lock(&self.state).closed = true;
-        self.changed.notify_all();
-    }
-}
-
 const DEFAULT_ENV: &[(&str, &str)] = &[
     (
         "PATH",
@@ -127,6 +59,17 @@ const DEFAULT_ENV: &[(&str, &str)] = &[
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the output threads tell the finisher.
+enum Drain {
+    /// A chunk went out.
+    Progress,
+    /// The stream is out of credit: the host is slow, not the pipe silent,
+    /// so the finisher waits without a deadline until `Progress`.
+    Blocked,
+    /// The pipe reached end-of-file.
+    Done,
 }
 
 /// What the host can still do to a running exec.
@@ -482,7 +425,9 @@ fn pump_output(
 ) {
     let mut buf = vec![0u8; MAX_CHUNK_LEN];
     loop {
-        let room = credit.take(MAX_CHUNK_LEN, finisher);
+        let room = credit.take(MAX_CHUNK_LEN, || {
+            let _ = finisher.send(Drain::Blocked);
+        });
         if room == 0 {
             return;
         }

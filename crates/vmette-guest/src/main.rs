@@ -15,10 +15,13 @@
 //! 4. receive the boot envelope and assemble the root (read-only lower
 //!    layer, overlay upper on tmpfs or the scratch disk, shares), then
 //!    switch into it;
-//! 5. serve exec requests until the host asks to power off.
+//! 5. serve exec requests and file operations until the host asks to
+//!    power off.
 
 mod channel;
+mod credit;
 mod exec;
+mod files;
 mod modules;
 mod root;
 
@@ -70,16 +73,31 @@ fn boot_and_serve() -> Result<(), String> {
     outbox.send(GuestMessage::Ready);
 
     let execs = exec::Execs::new(outbox.clone());
+    let files = files::Files::new(outbox.clone());
     loop {
         match inbox
             .next()
             .map_err(|e| format!("phase 5 (serving): {e}"))?
         {
             HostMessage::Exec(request) => execs.start(request),
-            HostMessage::Stdin { id, data } => execs.stdin(id, data),
-            HostMessage::StdinEof { id } => execs.stdin_eof(id),
+            HostMessage::File(request) => files.start(request),
+            // Data messages name an exec or a file operation.
+            HostMessage::Stdin { id, data } => {
+                if let Err(data) = files.input(id, data) {
+                    execs.stdin(id, data);
+                }
+            }
+            HostMessage::StdinEof { id } => {
+                if !files.input_end(id) {
+                    execs.stdin_eof(id);
+                }
+            }
             HostMessage::Signal { id, signal } => execs.signal(id, signal),
-            HostMessage::OutputCredit { id, stream, bytes } => execs.credit(id, stream, bytes),
+            HostMessage::OutputCredit { id, stream, bytes } => {
+                if !files.credit(id, bytes) {
+                    execs.credit(id, stream, bytes);
+                }
+            }
             HostMessage::Resize { id, size } => execs.resize(id, size),
             // power_off() flushes the file systems first.
             HostMessage::PowerOff => return Ok(()),

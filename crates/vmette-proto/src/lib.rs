@@ -44,9 +44,14 @@
 
 #![warn(missing_docs)]
 
+mod files;
 mod frame;
 mod messages;
 
+pub use files::{
+    DirEntry, FileError, FileErrorKind, FileKind, FileOp, FileReply, FileRequest, FileStat,
+    MAX_FILE_MESSAGE, MAX_LIST_ENTRIES, MAX_NAME_LEN,
+};
 pub use frame::{read_frame, write_frame, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use messages::{
     BootEnvelope, ExecId, ExecRequest, ExitStatus, GuestMessage, HostMessage, InvalidMessage,

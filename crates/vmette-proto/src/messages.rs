@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::{FileError, FileReply, FileRequest};
+
 /// Protocol generation spoken by this build. Host and guest must agree.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -80,6 +82,8 @@ pub enum HostMessage {
         /// The new size.
         size: PtySize,
     },
+    /// Start a file operation.
+    File(FileRequest),
 }
 
 /// One of an exec's output streams.
@@ -163,6 +167,13 @@ pub enum GuestMessage {
         message: String,
         /// The shell convention for the failure: 127 not found, 126 not executable.
         code: i32,
+    },
+    /// A file operation ended. Always after its last output chunk.
+    FileDone {
+        /// The operation.
+        id: ExecId,
+        /// What it produced, or why it failed.
+        result: Result<FileReply, FileError>,
     },
 }
 
@@ -277,11 +288,11 @@ pub struct InvalidMessage {
     pub reason: &'static str,
 }
 
-fn invalid(field: &'static str, reason: &'static str) -> Result<(), InvalidMessage> {
+pub(crate) fn invalid(field: &'static str, reason: &'static str) -> Result<(), InvalidMessage> {
     Err(InvalidMessage { field, reason })
 }
 
-fn check_guest_path(field: &'static str, path: &str) -> Result<(), InvalidMessage> {
+pub(crate) fn check_guest_path(field: &'static str, path: &str) -> Result<(), InvalidMessage> {
     if !path.starts_with('/') {
         return invalid(field, "must be an absolute path");
     }
@@ -324,6 +335,7 @@ impl HostMessage {
                 invalid("output credit", "more than the window")
             }
             HostMessage::Resize { size, .. } => size.validate(),
+            HostMessage::File(request) => request.validate(),
             HostMessage::Stdin { .. }
             | HostMessage::StdinEof { .. }
             | HostMessage::Signal { .. }
@@ -372,6 +384,12 @@ impl GuestMessage {
             {
                 invalid("message", "too long")
             }
+            GuestMessage::FileDone {
+                result: Ok(reply), ..
+            } => reply.validate(),
+            GuestMessage::FileDone {
+                result: Err(error), ..
+            } => error.validate(),
             GuestMessage::Hello { .. }
             | GuestMessage::Ready
             | GuestMessage::BootFailed { .. }

@@ -1,0 +1,514 @@
+//! File operations: each runs on a thread of its own, reads what the host
+//! sends as stdin chunks (acknowledging each once used, so the host's
+//! window bounds what waits here) and sends what it produces as stdout
+//! chunks within the host's credit, then reports one `FileDone`.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+
+use vmette_proto::{
+    DirEntry, ExecId, FileError, FileErrorKind, FileKind, FileOp, FileReply, FileRequest, FileStat,
+    GuestMessage, MAX_CHUNK_LEN, MAX_FILE_MESSAGE, MAX_LIST_ENTRIES, MAX_NAME_LEN,
+};
+
+use crate::channel::Outbox;
+use crate::credit::Credit;
+
+type Outcome = Result<FileReply, FileError>;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the host can still send to a running operation.
+struct Transfer {
+    input: Option<mpsc::Sender<Option<Vec<u8>>>>,
+    credit: Arc<Credit>,
+}
+
+/// The running file operations.
+pub struct Files {
+    outbox: Outbox,
+    running: Arc<Mutex<HashMap<ExecId, Transfer>>>,
+}
+
+impl Files {
+    pub fn new(outbox: Outbox) -> Files {
+        Files {
+            outbox,
+            running: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Starts `request`. It is registered before this returns, so the
+    /// host's data for it, which follows at once, finds it.
+    pub fn start(&self, request: FileRequest) {
+        let id = request.id;
+        let credit = Credit::new();
+        let (input, chunks) = mpsc::channel();
+        lock(&self.running).insert(
+            id,
+            Transfer {
+                input: Some(input),
+                credit: Arc::clone(&credit),
+            },
+        );
+        let outbox = self.outbox.clone();
+        let running = Arc::clone(&self.running);
+        let spawned = thread::Builder::new().name("file".into()).spawn(move || {
+            let mut input = Input {
+                id,
+                chunks,
+                chunk: Vec::new(),
+                at: 0,
+                outbox: outbox.clone(),
+            };
+            let mut output = Output {
+                id,
+                credit,
+                outbox: outbox.clone(),
+                sent: 0,
+            };
+            let result = serve(&request.op, &mut input, &mut output);
+            if let Some(done) = lock(&running).remove(&id) {
+                done.credit.close();
+            }
+            outbox.send(GuestMessage::FileDone { id, result });
+        });
+        if let Err(e) = spawned {
+            lock(&self.running).remove(&id);
+            self.outbox.send(GuestMessage::FileDone {
+                id,
+                result: Err(failure(FileErrorKind::Other, format!("cannot start: {e}"))),
+            });
+        }
+    }
+
+    /// Routes a stdin chunk; gives it back when `id` is no file operation.
+    pub fn input(&self, id: ExecId, data: Vec<u8>) -> Result<(), Vec<u8>> {
+        match lock(&self.running).get(&id) {
+            Some(transfer) => {
+                if let Some(input) = &transfer.input {
+                    let _ = input.send(Some(data));
+                }
+                Ok(())
+            }
+            None => Err(data),
+        }
+    }
+
+    /// Routes the end of stdin; `false` when `id` is no file operation.
+    pub fn input_end(&self, id: ExecId) -> bool {
+        match lock(&self.running).get_mut(&id) {
+            Some(transfer) => {
+                if let Some(input) = transfer.input.take() {
+                    let _ = input.send(None);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Routes output credit; `false` when `id` is no file operation.
+    pub fn credit(&self, id: ExecId, bytes: u32) -> bool {
+        match lock(&self.running).get(&id) {
+            Some(transfer) => {
+                transfer.credit.grant(bytes as usize);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn serve(op: &FileOp, input: &mut Input, output: &mut Output) -> Outcome {
+    let path = Path::new(op.path());
+    let shown = op.path();
+    let io = |e: io::Error| io_failure(shown, &e);
+    match op {
+        FileOp::Write {
+            mode,
+            parents,
+            limit,
+            ..
+        } => {
+            if *parents {
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(io)?;
+                }
+            }
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(*mode)
+                .open(path)
+                .map_err(io)?;
+            let written = copy_limited(input, &mut file, *limit, shown);
+            if written.is_err() {
+                let _ = fs::remove_file(path);
+            }
+            let bytes = written?;
+            // The mode given, not the one the umask left.
+            fs::set_permissions(path, fs::Permissions::from_mode(*mode)).map_err(io)?;
+            Ok(FileReply::Done { bytes })
+        }
+        FileOp::Read { limit, .. } => {
+            let mut file = File::open(path).map_err(io)?;
+            let meta = file.metadata().map_err(io)?;
+            if meta.is_dir() {
+                return Err(failure(
+                    FileErrorKind::IsADirectory,
+                    format!("{shown} is a directory"),
+                ));
+            }
+            if meta.len() > *limit {
+                return Err(too_large(shown, *limit));
+            }
+            let bytes = copy_limited(&mut file, output, *limit, shown)?;
+            output.flush().map_err(io)?;
+            Ok(FileReply::Done { bytes })
+        }
+        FileOp::List { .. } => list(path, shown),
+        FileOp::Stat { .. } => fs::symlink_metadata(path)
+            .map(|meta| FileReply::Stat(stat_of(&meta)))
+            .map_err(io),
+        FileOp::MakeDir { parents, mode, .. } => {
+            let made = if *parents {
+                fs::create_dir_all(path)
+            } else {
+                fs::create_dir(path)
+            };
+            made.map_err(io)?;
+            fs::set_permissions(path, fs::Permissions::from_mode(*mode)).map_err(io)?;
+            Ok(FileReply::Done { bytes: 0 })
+        }
+        FileOp::Remove { recursive, .. } => {
+            let meta = fs::symlink_metadata(path).map_err(io)?;
+            let removed = match (meta.is_dir(), recursive) {
+                (true, true) => fs::remove_dir_all(path),
+                (true, false) => fs::remove_dir(path),
+                (false, _) => fs::remove_file(path),
+            };
+            removed.map_err(io)?;
+            Ok(FileReply::Done { bytes: 0 })
+        }
+        FileOp::TarIn { limit, .. } => {
+            fs::create_dir_all(path).map_err(io)?;
+            let mut limited = Limited {
+                inner: input,
+                left: *limit,
+                over: false,
+            };
+            let result = unpack_tar(&mut limited, path);
+            if limited.over {
+                return Err(too_large(shown, *limit));
+            }
+            result.map(|bytes| FileReply::Done { bytes })
+        }
+        FileOp::TarOut { limit, .. } => {
+            let meta = fs::symlink_metadata(path).map_err(io)?;
+            let mut limited = Limited {
+                inner: &mut *output,
+                left: *limit,
+                over: false,
+            };
+            let packed = pack_tar(&mut limited, path, meta.is_dir());
+            if limited.over {
+                return Err(too_large(shown, *limit));
+            }
+            packed.map_err(io)?;
+            output.flush().map_err(io)?;
+            Ok(FileReply::Done { bytes: output.sent })
+        }
+    }
+}
+
+fn list(path: &Path, shown: &str) -> Outcome {
+    let meta = fs::metadata(path).map_err(|e| io_failure(shown, &e))?;
+    if !meta.is_dir() {
+        return Err(failure(
+            FileErrorKind::NotADirectory,
+            format!("{shown} is not a directory"),
+        ));
+    }
+    let mut names: Vec<_> = fs::read_dir(path)
+        .map_err(|e| io_failure(shown, &e))?
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    names.sort();
+    let truncated = names.len() > MAX_LIST_ENTRIES;
+    let entries = names
+        .into_iter()
+        .take(MAX_LIST_ENTRIES)
+        .filter_map(|name| {
+            let meta = fs::symlink_metadata(path.join(&name)).ok()?;
+            let mut name = name.to_string_lossy().into_owned();
+            truncate(&mut name, MAX_NAME_LEN * 3);
+            Some(DirEntry {
+                name,
+                stat: stat_of(&meta),
+            })
+        })
+        .collect();
+    Ok(FileReply::Entries { entries, truncated })
+}
+
+fn unpack_tar(source: &mut impl Read, target: &Path) -> Result<u64, FileError> {
+    let mut archive = tar::Archive::new(source);
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(true);
+    let mut bytes = 0;
+    let shown = target.display().to_string();
+    let malformed = |e: io::Error| failure(FileErrorKind::Malformed, format!("tar stream: {e}"));
+    for entry in archive.entries().map_err(malformed)? {
+        let mut entry = entry.map_err(malformed)?;
+        let member = entry.path().map_err(malformed)?.into_owned();
+        let member_shown = member.display().to_string();
+        if member.components().any(|c| {
+            matches!(
+                c,
+                Component::ParentDir | Component::RootDir | Component::Prefix(_)
+            )
+        }) {
+            return Err(failure(
+                FileErrorKind::Escape,
+                format!("tar member {member_shown} would land outside {shown}"),
+            ));
+        }
+        bytes += entry.size();
+        match entry.unpack_in(target) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(failure(
+                    FileErrorKind::Escape,
+                    format!("tar member {member_shown} would land outside {shown}"),
+                ))
+            }
+            // The tar crate refuses a member whose parent resolves outside
+            // the target (through a symlink from earlier in the stream).
+            Err(e) if e.to_string().contains("outside") => {
+                return Err(failure(
+                    FileErrorKind::Escape,
+                    format!("tar member {member_shown} would land outside {shown}"),
+                ))
+            }
+            Err(e) => return Err(io_failure(&member_shown, &e)),
+        }
+    }
+    Ok(bytes)
+}
+
+fn pack_tar(sink: &mut impl Write, path: &Path, is_dir: bool) -> io::Result<()> {
+    let mut builder = tar::Builder::new(sink);
+    builder.follow_symlinks(false);
+    if is_dir {
+        builder.append_dir_all(".", path)?;
+    } else {
+        let name = path.file_name().unwrap_or(path.as_os_str());
+        builder.append_path_with_name(path, name)?;
+    }
+    builder.finish()
+}
+
+/// Copies `source` to `sink`, failing once more than `limit` bytes came.
+fn copy_limited(
+    source: &mut impl Read,
+    sink: &mut impl Write,
+    limit: u64,
+    shown: &str,
+) -> Result<u64, FileError> {
+    let mut buf = vec![0u8; MAX_CHUNK_LEN];
+    let mut total = 0u64;
+    loop {
+        let n = match source.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_failure(shown, &e)),
+        };
+        total += n as u64;
+        if total > limit {
+            return Err(too_large(shown, limit));
+        }
+        sink.write_all(&buf[..n])
+            .map_err(|e| io_failure(shown, &e))?;
+    }
+}
+
+/// The host's stdin chunks for one operation, as a reader; each chunk is
+/// acknowledged once it has been read, so the host's window is what
+/// bounds the data waiting here.
+struct Input {
+    id: ExecId,
+    chunks: mpsc::Receiver<Option<Vec<u8>>>,
+    chunk: Vec<u8>,
+    at: usize,
+    outbox: Outbox,
+}
+
+impl Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.chunk.len() {
+            if !self.chunk.is_empty() {
+                self.outbox.send(GuestMessage::StdinAck {
+                    id: self.id,
+                    bytes: self.chunk.len() as u32,
+                });
+            }
+            self.chunk = match self.chunks.recv() {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) | Err(_) => Vec::new(),
+            };
+            self.at = 0;
+            if self.chunk.is_empty() {
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        // A chunk read only in part is still the host's to count down.
+        if !self.chunk.is_empty() {
+            self.outbox.send(GuestMessage::StdinAck {
+                id: self.id,
+                bytes: self.chunk.len() as u32,
+            });
+        }
+    }
+}
+
+/// Stdout chunks for one operation, sent within the host's credit.
+struct Output {
+    id: ExecId,
+    credit: Arc<Credit>,
+    outbox: Outbox,
+    sent: u64,
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let room = self.credit.take(buf.len().min(MAX_CHUNK_LEN), || {});
+        if room == 0 {
+            return Err(ErrorKind::BrokenPipe.into());
+        }
+        self.outbox.send(GuestMessage::Stdout {
+            id: self.id,
+            data: buf[..room].to_vec(),
+        });
+        self.sent += room as u64;
+        Ok(room)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A reader or writer that refuses to move more than `left` bytes.
+struct Limited<T> {
+    inner: T,
+    left: u64,
+    over: bool,
+}
+
+impl<T> Limited<T> {
+    fn allow(&mut self, n: usize) -> io::Result<()> {
+        if n as u64 > self.left {
+            self.over = true;
+            return Err(io::Error::other("over the transfer limit"));
+        }
+        self.left -= n as u64;
+        Ok(())
+    }
+}
+
+impl<T: Read> Read for Limited<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.allow(n)?;
+        Ok(n)
+    }
+}
+
+impl<T: Write> Write for Limited<T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.allow(buf.len())?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn stat_of(meta: &fs::Metadata) -> FileStat {
+    let kind = if meta.file_type().is_symlink() {
+        FileKind::Symlink
+    } else if meta.is_dir() {
+        FileKind::Directory
+    } else if meta.is_file() {
+        FileKind::File
+    } else {
+        FileKind::Other
+    };
+    FileStat {
+        kind,
+        size: meta.len(),
+        mode: meta.mode() & 0o7777,
+        modified: meta.mtime(),
+    }
+}
+
+fn too_large(shown: &str, limit: u64) -> FileError {
+    failure(
+        FileErrorKind::TooLarge,
+        format!("{shown} is over the transfer limit of {limit} bytes"),
+    )
+}
+
+fn io_failure(shown: &str, error: &io::Error) -> FileError {
+    let kind = match error.kind() {
+        ErrorKind::NotFound => FileErrorKind::NotFound,
+        ErrorKind::PermissionDenied => FileErrorKind::PermissionDenied,
+        ErrorKind::AlreadyExists => FileErrorKind::AlreadyExists,
+        _ => match error.raw_os_error() {
+            Some(libc::EISDIR) => FileErrorKind::IsADirectory,
+            Some(libc::ENOTDIR) => FileErrorKind::NotADirectory,
+            _ => FileErrorKind::Other,
+        },
+    };
+    failure(kind, format!("{shown}: {error}"))
+}
+
+fn failure(kind: FileErrorKind, mut message: String) -> FileError {
+    truncate(&mut message, MAX_FILE_MESSAGE);
+    FileError { kind, message }
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
