@@ -3,7 +3,8 @@
 # the same run, raw QEMU booting the same kernel with a busybox init that
 # powers off at once, with the same machine, accelerator and kernel
 # arguments vmette uses. Prints both medians and their ratio (target <= 1.3),
-# then the exec round trip of `true` in a warm session (p50, p99).
+# then the exec round trip of `true` in a warm session (p50, p99) and the
+# write and read throughput of a file (RUNS x 10 MiB).
 #
 #   scripts/bench.sh [RUNS]        (default 10 runs each, after 1 warm-up)
 #
@@ -57,6 +58,6 @@ print(f"vmette run -- true            : median {vm:.3f} s")
 print(f"ratio vmette/floor            : {vm / floor:.2f} (target <= 1.30)")
 PY
 
-# Warm-session exec round trip through the library (far fewer runs than
-# the start-up benchmark needs: each is milliseconds).
-cargo run --release --quiet -p vmette --example exec_latency -- $(( runs * 20 ))
+# Warm-session figures through the library: the exec round trip (far
+# more runs than boots: each is milliseconds) and file throughput.
+cargo run --release --quiet -p vmette --example session_bench -- $(( runs * 20 )) $(( runs * 10 ))
