@@ -51,6 +51,9 @@ pub enum Event {
     /// The guest sent a message that fails validation, a frame that cannot
     /// be one, or stopped reading.
     Invalid(String),
+    /// The host asks the monitor to look at the session's state now (a
+    /// stop was requested), rather than at its next tick.
+    Wake,
 }
 
 /// Queues host messages for the writer thread; cheap to clone.

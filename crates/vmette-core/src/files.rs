@@ -16,7 +16,7 @@ use vmette_proto::{
     DirEntry, FileErrorKind, FileOp, FileReply, FileRequest, FileStat, HostMessage, MAX_CHUNK_LEN,
 };
 
-use crate::session::{Exec, ExecEvent, ExecStatus, Session};
+use crate::session::{Exec, ExecEvent, ExecStatus, OpKind, Session};
 use crate::tree::{self, UnpackLimits, Unpacked};
 use crate::Error;
 
@@ -25,6 +25,9 @@ const MAX_TREE_ENTRIES: u64 = 1_000_000;
 
 /// Mode of directories made by [`Session::make_dir`].
 const DIR_MODE: u32 = 0o755;
+
+/// The signal that tells the guest to abandon a file operation.
+const CANCEL: i32 = libc::SIGTERM;
 
 impl Session {
     /// Writes everything `source` yields to the guest file `path` (parents
@@ -37,11 +40,9 @@ impl Session {
             parents: true,
             limit,
         })?;
-        send(&op, source, limit)?;
-        reply(path, &op, &mut io::sink()).map(|reply| match reply {
-            FileReply::Done { bytes } => bytes,
-            _ => 0,
-        })
+        let sent = send(path, &op, source, limit)?;
+        done(path, &op, &mut io::sink())?;
+        Ok(sent)
     }
 
     /// Streams the guest file `path` into `sink`; returns its size.
@@ -56,10 +57,9 @@ impl Session {
             left: limit,
             path,
         };
-        reply(path, &op, &mut capped).map(|reply| match reply {
-            FileReply::Done { bytes } => bytes,
-            _ => 0,
-        })
+        done(path, &op, &mut capped)?;
+        // What arrived, not what the guest says it sent.
+        Ok(limit - capped.left)
     }
 
     /// The entries of the guest directory `path`, sorted by name, and
@@ -89,7 +89,7 @@ impl Session {
             parents,
             mode: DIR_MODE,
         })?;
-        reply(path, &op, &mut io::sink()).map(drop)
+        done(path, &op, &mut io::sink())
     }
 
     /// Removes the guest path `path`: a file, a symlink, an empty
@@ -99,7 +99,7 @@ impl Session {
             path: path.into(),
             recursive,
         })?;
-        reply(path, &op, &mut io::sink()).map(drop)
+        done(path, &op, &mut io::sink())
     }
 
     /// Copies the host directory `host_dir`'s contents into the guest
@@ -133,17 +133,19 @@ impl Session {
             path: guest_dir.into(),
             limit,
         })?;
-        send(&op, tar, limit)?;
-        reply(guest_dir, &op, &mut io::sink()).map(|reply| match reply {
-            FileReply::Done { bytes } => bytes,
-            _ => 0,
-        })
+        send(guest_dir, &op, tar, limit)?;
+        match reply(guest_dir, &op, &mut io::sink())? {
+            FileReply::Done { bytes } => Ok(bytes),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Copies the guest directory (or file) `guest_path` into the existing
     /// host directory `host_dir`. The guest's tar stream is unpacked here
     /// by [`tree::unpack`], which refuses escapes, links out of the target,
-    /// device nodes and anything over the transfer limit.
+    /// device nodes and anything over the transfer limit. On an error,
+    /// what was unpacked before it stays in `host_dir`, and nothing is
+    /// ever outside it.
     pub fn copy_out(&self, guest_path: &str, host_dir: &Path) -> Result<Unpacked, Error> {
         let limit = self.transfer_limit();
         let op = self.file_op(FileOp::TarOut {
@@ -166,31 +168,53 @@ impl Session {
         let unpacked = match unpacked {
             Ok(unpacked) => unpacked,
             Err(error) => {
-                // A guest that gave up (the tree is over the limit) cut the
-                // stream short; its reason is the better one. Otherwise
-                // dropping the operation discards the rest as it comes.
-                if let Some(status) = end {
+                // What the host found wrong with the stream comes first. A
+                // stream merely cut short may be the guest giving up (the
+                // tree is over the limit): then its reason is the better
+                // one. Dropping the operation ignores the rest.
+                let cut_short = matches!(
+                    error,
+                    tree::UnpackError::Malformed(_) | tree::UnpackError::TooLarge { .. }
+                );
+                if let (true, Some(status)) = (cut_short, end) {
                     finish(guest_path, &op, status)?;
                 }
                 return Err(Error::Unpack(error));
             }
         };
+        let left = stream.left;
         match end {
             Some(status) => finish(guest_path, &op, status)?,
-            None => reply(guest_path, &op, &mut io::sink())?,
+            // The guest's tar padding after the end-of-archive blocks,
+            // within what is left of the limit.
+            None => reply(
+                guest_path,
+                &op,
+                &mut Capped {
+                    sink: &mut io::sink(),
+                    left,
+                    path: guest_path,
+                },
+            )?,
         };
         Ok(unpacked)
     }
 
     fn file_op(&self, op: FileOp) -> Result<Exec, Error> {
-        self.open(false, None, |id| HostMessage::File(FileRequest { id, op }))
+        let kind = OpKind::File {
+            output: op.gives_output(),
+        };
+        self.open(kind, false, None, |id| {
+            HostMessage::File(FileRequest { id, op })
+        })
     }
 }
 
 /// Sends `source` as the operation's input, at most one chunk past
 /// `limit` (so that the guest, which counts too, refuses the transfer),
-/// then ends it.
-fn send(op: &Exec, source: &mut dyn Read, limit: u64) -> Result<(), Error> {
+/// then ends it; returns the bytes sent. When `source` fails, the guest is
+/// told to abandon the operation (removing a partial file) first.
+fn send(path: &str, op: &Exec, source: &mut dyn Read, limit: u64) -> Result<u64, Error> {
     let stdin = op.stdin();
     let mut buf = vec![0u8; MAX_CHUNK_LEN];
     let mut total = 0u64;
@@ -199,7 +223,14 @@ fn send(op: &Exec, source: &mut dyn Read, limit: u64) -> Result<(), Error> {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io("cannot read what was to be sent")(e)),
+            Err(e) => {
+                let _ = op.signal(CANCEL);
+                let _ = reply(path, op, &mut io::sink());
+                return Err(Error::Io {
+                    context: format!("cannot read what was to be sent to {path}"),
+                    source: e,
+                });
+            }
         };
         total += n as u64;
         // A failed write means the operation already ended (the guest
@@ -209,7 +240,15 @@ fn send(op: &Exec, source: &mut dyn Read, limit: u64) -> Result<(), Error> {
         }
     }
     let _ = stdin.close();
-    Ok(())
+    Ok(total)
+}
+
+/// Waits for a reply that carries nothing but success.
+fn done(path: &str, op: &Exec, sink: &mut dyn Write) -> Result<(), Error> {
+    match reply(path, op, sink)? {
+        FileReply::Done { .. } => Ok(()),
+        other => Err(unexpected(&other)),
+    }
 }
 
 /// Waits for the operation's reply, handing any output to `sink`.

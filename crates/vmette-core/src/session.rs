@@ -46,6 +46,11 @@ const TICK: Duration = Duration::from_millis(50);
 /// the guest to report its end before the host reports it anyway.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a file operation may go without a byte moving or an answer
+/// before the host gives up on it (the guest may be stuck on a fifo, or
+/// hostile). Generous: removing a large tree under emulation is slow.
+pub const FILE_STALL_LIMIT: Duration = Duration::from_secs(120);
+
 /// Credit goes back to the guest in batches of at least this many bytes,
 /// or sooner once the consumer has caught up.
 const CREDIT_BATCH: usize = OUTPUT_WINDOW / 4;
@@ -208,6 +213,7 @@ pub struct StopHandle {
 pub struct Exec {
     state: Arc<ExecState>,
     sender: ControlSender,
+    shared: Arc<Shared>,
 }
 
 /// Writes to an exec's stdin from any thread; cheap to clone.
@@ -220,6 +226,8 @@ pub struct ExecStdin {
 
 struct Shared {
     sender: ControlSender,
+    /// Wakes the monitor from its wait for guest messages.
+    wake: mpsc::SyncSender<Event>,
     execs: Mutex<ExecTable>,
     next_id: AtomicU32,
     control: Mutex<Lifecycle>,
@@ -251,8 +259,18 @@ enum StopKind {
     Now,
 }
 
+/// What kind of operation an [`ExecState`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    /// A command.
+    Exec,
+    /// A file operation; `output` when the guest may send data for it.
+    File { output: bool },
+}
+
 struct ExecState {
     id: ExecId,
+    kind: OpKind,
     pty: bool,
     deadline: Option<Instant>,
     window: Arc<StdinWindow>,
@@ -277,6 +295,8 @@ struct ExecQueue {
     killed_at: Option<Instant>,
     /// How a file operation ended, once it has.
     file_result: Option<Result<FileReply, FileError>>,
+    /// When data last moved either way, or the operation began.
+    progress: Option<Instant>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -368,6 +388,7 @@ impl Session {
         let stream = vm
             .connect_control(boot_deadline)
             .map_err(Error::StartFailed)?;
+        let wake = events_tx.clone();
         let sender = control::start(stream, events_tx)?;
         let boot_failed = |vm: &dyn Vm, reason: String| {
             BootAbort::Failed(Error::BootFailed {
@@ -425,6 +446,8 @@ impl Session {
                     sender.send(HostMessage::Boot(envelope.clone()))?;
                 }
                 Event::Guest(GuestMessage::Ready) => break,
+                // No one can ask a session to stop before it exists.
+                Event::Wake => {}
                 Event::Guest(GuestMessage::BootFailed { message }) => {
                     // Let the guest's last console lines arrive.
                     vm.wait_exit(Duration::from_millis(500));
@@ -451,6 +474,7 @@ impl Session {
 
         let shared = Arc::new(Shared {
             sender,
+            wake,
             execs: Mutex::new(ExecTable::default()),
             next_id: AtomicU32::new(1),
             control: Mutex::new(Lifecycle {
@@ -485,7 +509,7 @@ impl Session {
     pub fn exec(&self, spec: &ExecSpec) -> Result<Exec, Error> {
         // A timeout too long to represent is no timeout.
         let deadline = spec.timeout.and_then(|t| Instant::now().checked_add(t));
-        self.open(spec.pty.is_some(), deadline, |id| {
+        self.open(OpKind::Exec, spec.pty.is_some(), deadline, |id| {
             HostMessage::Exec(spec.request(id))
         })
     }
@@ -494,6 +518,7 @@ impl Session {
     /// (which uses the same queue, stdin window and credit).
     pub(crate) fn open(
         &self,
+        kind: OpKind,
         pty: bool,
         deadline: Option<Instant>,
         message: impl FnOnce(ExecId) -> HostMessage,
@@ -507,12 +532,23 @@ impl Session {
             field: e.field,
             reason: e.reason.to_string(),
         })?;
+        // What cannot be one frame would break the channel for everyone.
+        if let Err(error) = vmette_proto::write_frame(&mut Vec::new(), &request) {
+            return Err(Error::InvalidConfig {
+                field: "request",
+                reason: error.to_string(),
+            });
+        }
         let state = Arc::new(ExecState {
             id,
+            kind,
             pty,
             deadline,
             window: Arc::new(StdinWindow::default()),
-            queue: Mutex::new(ExecQueue::default()),
+            queue: Mutex::new(ExecQueue {
+                progress: Some(Instant::now()),
+                ..ExecQueue::default()
+            }),
             ready: Condvar::new(),
         });
         {
@@ -532,6 +568,7 @@ impl Session {
         Ok(Exec {
             state,
             sender: self.shared.sender.clone(),
+            shared: Arc::clone(&self.shared),
         })
     }
 
@@ -636,6 +673,8 @@ impl Shared {
             control.stop = Some(kind);
         }
         self.changed.notify_all();
+        // A full queue means the monitor is busy and looks soon anyway.
+        let _ = self.wake.try_send(Event::Wake);
     }
 
     /// Waits for the end until `until`; `None` waits as long as it takes.
@@ -822,6 +861,11 @@ impl Exec {
 
 impl Drop for Exec {
     fn drop(&mut self) {
+        // An abandoned file operation is over for the host: whatever the
+        // guest still sends for it is ignored, and it holds up nothing.
+        if matches!(self.state.kind, OpKind::File { .. }) {
+            lock(&self.shared.execs).running.remove(&self.state.id);
+        }
         let mut queue = lock(&self.state.queue);
         queue.detached = true;
         while let Some(event) = queue.events.pop_front() {
@@ -945,7 +989,13 @@ impl ExecState {
         data: Vec<u8>,
         sender: &ControlSender,
     ) -> Result<(), String> {
+        if self.kind == (OpKind::File { output: false })
+            || (self.pty && stream == OutputStream::Stderr)
+        {
+            return Err(format!("operation {} sent output it cannot have", self.id));
+        }
         let mut queue = lock(&self.queue);
+        queue.progress = Some(Instant::now());
         let i = stream_index(stream);
         queue.owed[i] += data.len();
         if queue.owed[i] > OUTPUT_WINDOW {
@@ -1041,6 +1091,7 @@ impl Monitor {
                     }
                 }
                 Ok(Event::Invalid(reason)) => return EndReason::ProtocolError(reason),
+                Ok(Event::Wake) => {}
                 Ok(Event::Closed(error)) => {
                     if let Some(error) = error {
                         tracing::debug!("the control channel failed: {error}");
@@ -1115,6 +1166,20 @@ impl Monitor {
             }
         }
         for exec in execs {
+            if let OpKind::File { .. } = exec.kind {
+                let progress = lock(&exec.queue).progress;
+                if progress.is_some_and(|at| now.duration_since(at) >= FILE_STALL_LIMIT) {
+                    lock(&self.shared.execs).running.remove(&exec.id);
+                    exec.finish_file(Err(FileError {
+                        kind: vmette_proto::FileErrorKind::TimedOut,
+                        message: format!(
+                            "the guest moved nothing for the file operation in {FILE_STALL_LIMIT:?}"
+                        ),
+                    }));
+                    self.shared.touch();
+                }
+                continue;
+            }
             let Some(deadline) = exec.deadline else {
                 continue;
             };
@@ -1165,6 +1230,7 @@ impl Monitor {
                 exec.push_output(OutputStream::Stderr, data, &self.shared.sender)
             }
             GuestMessage::StdinAck { bytes, .. } => {
+                lock(&exec.queue).progress = Some(Instant::now());
                 if exec.window.release(bytes as usize) {
                     Ok(())
                 } else {

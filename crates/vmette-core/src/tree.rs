@@ -97,6 +97,11 @@ const MAX_PATH_BYTES: usize = 4096;
 /// `openat` per level.
 const MAX_DEPTH: usize = 256;
 
+/// What each inode created counts against the byte limit, on top of file
+/// data: a stream of empty files or deep paths still fills the host's
+/// disk with metadata.
+const INODE_COST: u64 = 512;
+
 /// Unpacks the tar stream `source` into the existing directory `target`.
 ///
 /// Regular files, directories, symlinks and hard links to files unpacked
@@ -131,26 +136,36 @@ pub fn unpack(
         files: HashSet::new(),
         dirs: HashMap::new(),
         out: Unpacked::default(),
+        implicit_dirs: Cell::new(0),
     };
     let (mut entries, mut total) = (0u64, 0u64);
-    for entry in archive.entries().map_err(stream_error)? {
-        let mut entry = entry.map_err(stream_error)?;
-        entries += 1;
+    let over = |entries: u64, total: u64| {
         if entries > limits.max_entries {
             return Err(UnpackError::TooLarge {
                 limit: limits.max_entries,
             });
         }
-        let size = entry.size();
-        total = total.saturating_add(size);
         if total > limits.max_total_bytes {
             return Err(UnpackError::TooLarge {
                 limit: limits.max_total_bytes,
             });
         }
+        Ok(())
+    };
+    for entry in archive.entries().map_err(stream_error)? {
+        let mut entry = entry.map_err(stream_error)?;
+        entries += 1;
+        let size = entry.size();
+        total = total.saturating_add(size).saturating_add(INODE_COST);
+        over(entries, total)?;
         // Covers this member's data and padding plus the next member's headers.
         budget.set(size.saturating_add(512 + MAX_HEADER_BYTES));
         state.member(&mut entry)?;
+        // Parents the member did not list were made for it; they count too.
+        let implicit = state.implicit_dirs.take();
+        entries += implicit;
+        total = total.saturating_add(implicit.saturating_mul(INODE_COST));
+        over(entries, total)?;
     }
     state.finish()
 }
@@ -184,6 +199,9 @@ struct State {
     /// Directory modes to apply once their contents are written.
     dirs: HashMap<Vec<u8>, u32>,
     out: Unpacked,
+    /// Parent directories created for the current member without a
+    /// member of their own.
+    implicit_dirs: Cell<u64>,
 }
 
 impl State {
@@ -321,9 +339,11 @@ impl State {
             let mut opened = openat(&dir, *part, flags, Mode::empty());
             if create && matches!(opened, Err(Errno::ENOENT)) {
                 match mkdirat(&dir, *part, Mode::from_bits_truncate(0o755)) {
-                    Ok(()) | Err(Errno::EEXIST) => {
+                    Ok(()) => {
+                        self.implicit_dirs.set(self.implicit_dirs.get() + 1);
                         opened = openat(&dir, *part, flags, Mode::empty())
                     }
+                    Err(Errno::EEXIST) => opened = openat(&dir, *part, flags, Mode::empty()),
                     Err(e) => opened = Err(e),
                 }
             }
@@ -744,13 +764,36 @@ mod tests {
         );
         assert!(!target.join("big").exists());
 
+        let few = UnpackLimits {
+            max_total_bytes: 1 << 20,
+            max_entries: 2,
+        };
         let members = [file("a", b"1"), file("b", b"2"), file("c", b"3")];
-        let result = unpack(&stream(&members)[..], &target, &small);
+        let result = unpack(&stream(&members)[..], &target, &few);
         assert!(
             matches!(result, Err(UnpackError::TooLarge { limit: 2 })),
             "{result:?}"
         );
         assert!(target.join("b").exists() && !target.join("c").exists());
+
+        // Parents made for a member count as entries, and inodes as bytes.
+        let (_outer2, deep_target) = sandbox();
+        let result = unpack(&stream(&[file("p/q/r/s/f", b"x")])[..], &deep_target, &few);
+        assert!(
+            matches!(result, Err(UnpackError::TooLarge { limit: 2 })),
+            "{result:?}"
+        );
+        let (_outer3, empty_target) = sandbox();
+        let empties: Vec<_> = (0..10).map(|i| file(&format!("e{i}"), b"")).collect();
+        let tight = UnpackLimits {
+            max_total_bytes: 4 * INODE_COST,
+            max_entries: 1000,
+        };
+        let result = unpack(&stream(&empties)[..], &empty_target, &tight);
+        assert!(
+            matches!(result, Err(UnpackError::TooLarge { .. })),
+            "{result:?}"
+        );
 
         // A long-name header the parser would buffer whole.
         let long = member(

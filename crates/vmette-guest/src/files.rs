@@ -16,6 +16,8 @@ use vmette_proto::{
     GuestMessage, MAX_CHUNK_LEN, MAX_FILE_MESSAGE, MAX_LIST_ENTRIES, MAX_NAME_LEN,
 };
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+
 use crate::channel::Outbox;
 use crate::credit::Credit;
 
@@ -27,8 +29,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What the host can still send to a running operation.
 struct Transfer {
-    input: Option<mpsc::Sender<Option<Vec<u8>>>>,
+    input: Option<mpsc::Sender<Chunk>>,
     credit: Arc<Credit>,
+}
+
+/// What arrives for an operation's input.
+enum Chunk {
+    /// More bytes.
+    Data(Vec<u8>),
+    /// The end of the input.
+    End,
+    /// The host abandons the operation (its own source failed).
+    Cancel,
 }
 
 /// The running file operations.
@@ -94,7 +106,7 @@ impl Files {
         match lock(&self.running).get(&id) {
             Some(transfer) => {
                 if let Some(input) = &transfer.input {
-                    let _ = input.send(Some(data));
+                    let _ = input.send(Chunk::Data(data));
                 }
                 Ok(())
             }
@@ -107,8 +119,24 @@ impl Files {
         match lock(&self.running).get_mut(&id) {
             Some(transfer) => {
                 if let Some(input) = transfer.input.take() {
-                    let _ = input.send(None);
+                    let _ = input.send(Chunk::End);
                 }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The host abandons an operation (a signal to a file operation's id);
+    /// `false` when `id` is no file operation.
+    pub fn cancel(&self, id: ExecId) -> bool {
+        match lock(&self.running).get_mut(&id) {
+            Some(transfer) => {
+                if let Some(input) = transfer.input.take() {
+                    let _ = input.send(Chunk::Cancel);
+                }
+                // An operation sending output stops at its next chunk.
+                transfer.credit.close();
                 true
             }
             None => false,
@@ -143,13 +171,15 @@ fn serve(op: &FileOp, input: &mut Input, output: &mut Output) -> Outcome {
                     fs::create_dir_all(parent).map_err(io)?;
                 }
             }
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(*mode)
-                .open(path)
-                .map_err(io)?;
+            let mut file = open_regular(
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(*mode),
+                path,
+                shown,
+            )?;
             let written = copy_limited(input, &mut file, *limit, shown);
             if written.is_err() {
                 let _ = fs::remove_file(path);
@@ -160,14 +190,8 @@ fn serve(op: &FileOp, input: &mut Input, output: &mut Output) -> Outcome {
             Ok(FileReply::Done { bytes })
         }
         FileOp::Read { limit, .. } => {
-            let mut file = File::open(path).map_err(io)?;
+            let mut file = open_regular(OpenOptions::new().read(true), path, shown)?;
             let meta = file.metadata().map_err(io)?;
-            if meta.is_dir() {
-                return Err(failure(
-                    FileErrorKind::IsADirectory,
-                    format!("{shown} is a directory"),
-                ));
-            }
             if meta.len() > *limit {
                 return Err(too_large(shown, *limit));
             }
@@ -230,6 +254,33 @@ fn serve(op: &FileOp, input: &mut Input, output: &mut Output) -> Outcome {
     }
 }
 
+/// Opens `path` only if it is a regular file. The open does not block (a
+/// fifo with nobody at the other end would hold the operation for ever);
+/// blocking is restored once the file is known to be regular.
+fn open_regular(options: &mut OpenOptions, path: &Path, shown: &str) -> Result<File, FileError> {
+    let file = options
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| io_failure(shown, &e))?;
+    let meta = file.metadata().map_err(|e| io_failure(shown, &e))?;
+    if meta.is_dir() {
+        return Err(failure(
+            FileErrorKind::IsADirectory,
+            format!("{shown} is a directory"),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(failure(
+            FileErrorKind::Other,
+            format!("{shown} is not a regular file"),
+        ));
+    }
+    let flags = fcntl(&file, FcntlArg::F_GETFL).map_err(|e| io_failure(shown, &e.into()))?;
+    let blocking = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+    fcntl(&file, FcntlArg::F_SETFL(blocking)).map_err(|e| io_failure(shown, &e.into()))?;
+    Ok(file)
+}
+
 fn list(path: &Path, shown: &str) -> Outcome {
     let meta = fs::metadata(path).map_err(|e| io_failure(shown, &e))?;
     if !meta.is_dir() {
@@ -245,7 +296,7 @@ fn list(path: &Path, shown: &str) -> Outcome {
         .collect();
     names.sort();
     let truncated = names.len() > MAX_LIST_ENTRIES;
-    let entries = names
+    let mut entries: Vec<DirEntry> = names
         .into_iter()
         .take(MAX_LIST_ENTRIES)
         .filter_map(|name| {
@@ -258,6 +309,10 @@ fn list(path: &Path, shown: &str) -> Outcome {
             })
         })
         .collect();
+    // Names made lossy or cut short may collide or change order; the host
+    // wants them sorted and unique.
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    entries.dedup_by(|a, b| a.name == b.name);
     Ok(FileReply::Entries { entries, truncated })
 }
 
@@ -348,7 +403,7 @@ fn copy_limited(
 /// bounds the data waiting here.
 struct Input {
     id: ExecId,
-    chunks: mpsc::Receiver<Option<Vec<u8>>>,
+    chunks: mpsc::Receiver<Chunk>,
     chunk: Vec<u8>,
     at: usize,
     outbox: Outbox,
@@ -364,8 +419,9 @@ impl Read for Input {
                 });
             }
             self.chunk = match self.chunks.recv() {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) | Err(_) => Vec::new(),
+                Ok(Chunk::Data(chunk)) => chunk,
+                Ok(Chunk::End) | Err(_) => Vec::new(),
+                Ok(Chunk::Cancel) => return Err(io::Error::other("abandoned by the host")),
             };
             self.at = 0;
             if self.chunk.is_empty() {
@@ -449,8 +505,15 @@ impl<T: Read> Read for Limited<T> {
 
 impl<T: Write> Write for Limited<T> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.allow(buf.len())?;
-        self.inner.write(buf)
+        // Nothing past the limit goes out, and only what the inner writer
+        // took is counted.
+        if self.left == 0 && !buf.is_empty() {
+            return self.allow(buf.len()).map(|()| 0);
+        }
+        let most = usize::try_from(self.left).unwrap_or(usize::MAX);
+        let n = self.inner.write(&buf[..buf.len().min(most)])?;
+        self.allow(n)?;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -92,7 +92,11 @@ fn boot_and_serve() -> Result<(), String> {
                     execs.stdin_eof(id);
                 }
             }
-            HostMessage::Signal { id, signal } => execs.signal(id, signal),
+            HostMessage::Signal { id, signal } => {
+                if !files.cancel(id) {
+                    execs.signal(id, signal);
+                }
+            }
             HostMessage::OutputCredit { id, stream, bytes } => {
                 if !files.credit(id, bytes) {
                     execs.credit(id, stream, bytes);

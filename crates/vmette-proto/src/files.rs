@@ -180,6 +180,8 @@ pub enum FileErrorKind {
     Malformed,
     /// Anything else.
     Other,
+    /// The operation made no progress for too long (host-side only).
+    TimedOut,
 }
 
 impl FileOp {
@@ -233,12 +235,20 @@ impl FileReply {
                 return invalid("directory listing", "too many entries");
             }
             if entries.iter().any(|e| {
-                e.name.is_empty() || e.name.len() > MAX_NAME_LEN * 3 || e.name.contains('/')
+                e.name.is_empty()
+                    || e.name.len() > MAX_NAME_LEN * 3
+                    || e.name == "."
+                    || e.name == ".."
+                    || e.name.contains(['/', '\0'])
             }) {
                 return invalid(
                     "directory listing",
-                    "an entry name is empty, too long or has '/'",
+                    "an entry name is empty, too long, a dot name, or has '/' or NUL",
                 );
+            }
+            // Sorted and unique, as documented; a caller may rely on it.
+            if entries.windows(2).any(|pair| pair[0].name >= pair[1].name) {
+                return invalid("directory listing", "names are not sorted and unique");
             }
         }
         Ok(())
@@ -257,5 +267,77 @@ impl FileError {
 impl std::fmt::Display for FileError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(names: &[&str]) -> FileReply {
+        FileReply::Entries {
+            entries: names
+                .iter()
+                .map(|name| DirEntry {
+                    name: name.to_string(),
+                    stat: FileStat {
+                        kind: FileKind::File,
+                        size: 0,
+                        mode: 0o644,
+                        modified: 0,
+                    },
+                })
+                .collect(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn listings_have_plain_sorted_unique_names() {
+        assert_eq!(listing(&["a", "b", "c"]).validate(), Ok(()));
+        for bad in [
+            &["b", "a"][..],
+            &["a", "a"],
+            &[".."],
+            &["."],
+            &["a/b"],
+            &["a\0"],
+            &[""],
+        ] {
+            assert!(listing(bad).validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn requests_need_absolute_clean_paths_and_sane_modes() {
+        let request = |op| FileRequest { id: 1, op };
+        assert!(request(FileOp::Stat { path: "rel".into() })
+            .validate()
+            .is_err());
+        assert!(request(FileOp::Stat {
+            path: "/a/../b".into()
+        })
+        .validate()
+        .is_err());
+        assert!(request(FileOp::Remove {
+            path: "/".into(),
+            recursive: true
+        })
+        .validate()
+        .is_err());
+        assert!(request(FileOp::MakeDir {
+            path: "/a".into(),
+            parents: false,
+            mode: 0o17777
+        })
+        .validate()
+        .is_err());
+        assert_eq!(
+            request(FileOp::Stat {
+                path: "/etc".into()
+            })
+            .validate(),
+            Ok(())
+        );
     }
 }

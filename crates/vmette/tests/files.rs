@@ -206,6 +206,42 @@ fn files_move_in_and_out_and_failures_are_typed() {
     ));
     still_works(&session);
 
+    // A fifo is no file to read or write: refused at once, not waited on.
+    let made = session
+        .exec(&ExecSpec::new(["mkfifo", "/tmp/fifo"]))
+        .expect("exec")
+        .wait();
+    assert_eq!(made, ExecStatus::Exited(0));
+    assert_eq!(
+        kind_of(session.read_file("/tmp/fifo", &mut sink)),
+        FileErrorKind::Other
+    );
+    still_works(&session);
+
+    // A source that fails half way: the error is the host's, and the
+    // guest abandons the partial file.
+    struct Failing(usize);
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other("the disk went away"));
+            }
+            let n = buf.len().min(self.0);
+            buf[..n].fill(b'x');
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+    assert!(matches!(
+        session.write_file("/tmp/partial", &mut Failing(300_000), 0o644),
+        Err(Error::Io { .. })
+    ));
+    assert_eq!(
+        kind_of(session.stat("/tmp/partial")),
+        FileErrorKind::NotFound
+    );
+    still_works(&session);
+
     // A tar that climbs out of its target.
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(tar::EntryType::Regular);
