@@ -136,8 +136,9 @@ impl Execs {
         if lock(&self.running).contains_key(&id) {
             return Err((format!("exec id {id} is already in use"), 125));
         }
-        let mut command = Command::new(&request.argv[0]);
+        let mut command = Command::new(resolve(&request));
         command
+            .arg0(&request.argv[0])
             .args(&request.argv[1..])
             .env_clear()
             .envs(DEFAULT_ENV.iter().copied())
@@ -161,12 +162,11 @@ impl Execs {
                         })
                         .stdout(Stdio::piped())
                         .stderr(Stdio::piped());
-                    // SAFETY: setsid is async-signal-safe and touches no memory
-                    // of the parent; it makes the command its own process group
-                    // so a signal from the host reaches everything it started.
-                    unsafe {
-                        command.pre_exec(|| setsid().map(drop).map_err(io::Error::from));
-                    }
+                    // Its own process group, so that a signal from the host
+                    // reaches everything it started. (Not a session of its
+                    // own: without a terminal that changes nothing, and it
+                    // would force fork over the cheaper posix_spawn.)
+                    command.process_group(0);
                     None
                 }
             };
@@ -313,6 +313,39 @@ impl Execs {
     }
 }
 
+/// The program to run: a bare name is looked up in the command's `PATH`
+/// here, with a `stat` per directory, rather than by the spawn trying an
+/// `execve` in each, which costs a millisecond apiece under emulation. A
+/// name found nowhere is left as it is, for the spawn to report.
+fn resolve(request: &ExecRequest) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let program = &request.argv[0];
+    if program.contains('/') {
+        return program.into();
+    }
+    let path = request
+        .env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "PATH")
+        .map(|(_, value)| value.as_str())
+        .or_else(|| {
+            DEFAULT_ENV
+                .iter()
+                .find(|(key, _)| *key == "PATH")
+                .map(|(_, v)| *v)
+        })
+        .unwrap_or_default();
+    path.split(':')
+        .filter(|dir| dir.starts_with('/'))
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| program.into())
+}
+
 fn spawn_failure(request: &ExecRequest, error: &io::Error) -> (String, i32) {
     let program = &request.argv[0];
     match error.kind() {
@@ -327,8 +360,16 @@ fn spawn_failure(request: &ExecRequest, error: &io::Error) -> (String, i32) {
     }
 }
 
+/// Stack of an exec's helper threads: they copy between pipes and the
+/// channel with one heap buffer, and a small stack is cheaper to set up,
+/// which several threads per exec notice under emulation.
+const HELPER_STACK: usize = 128 * 1024;
+
 fn spawn_named(name: &str, body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = thread::Builder::new().name(name.into()).spawn(body) {
+    let builder = thread::Builder::new()
+        .name(name.into())
+        .stack_size(HELPER_STACK);
+    if let Err(e) = builder.spawn(body) {
         eprintln!("vmette-guest: cannot start a {name} thread: {e}");
     }
 }
