@@ -9,6 +9,7 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use vmette::{Config, EndReason, Error, ExecSpec, ExecStatus, FileErrorKind, FileKind, Session};
 
 const CAP: u64 = 16 << 20;
@@ -107,6 +108,15 @@ fn files_move_in_and_out_and_failures_are_typed() {
         .expect("exec")
         .output(1 << 20);
     assert_eq!(output.status, ExecStatus::Exited(0));
+    let digest: String = Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        output.stdout.starts_with(digest.as_bytes()),
+        "the guest's sha256 differs: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 
     // A tree of 200 files with modes and a symlink, in and out.
     let source = tempfile::tempdir().expect("tempdir");

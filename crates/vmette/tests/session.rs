@@ -168,6 +168,30 @@ fn an_idle_session_ends_with_that_reason() {
 }
 
 #[test]
+fn sessions_end_for_the_guests_power_off_and_their_timeout() {
+    let session = session(None);
+    // sysrq 'o' powers the machine off at once, as a guest program may.
+    let _ = session
+        .exec(&sh("echo o > /proc/sysrq-trigger; sleep 30"))
+        .expect("exec")
+        .wait();
+    assert_eq!(
+        session.wait_end(Duration::from_secs(60)),
+        Some(EndReason::PoweredOff)
+    );
+
+    let mut config = Config::default_machine();
+    config.timeout = Some(Duration::from_secs(8));
+    let session = vmette::start_session(&config).expect("session");
+    let status = session
+        .exec(&ExecSpec::new(["sleep", "100"]))
+        .expect("exec")
+        .wait();
+    assert_eq!(status, ExecStatus::SessionEnded(EndReason::SessionTimeout));
+    assert_eq!(session.end_reason(), Some(EndReason::SessionTimeout));
+}
+
+#[test]
 fn an_unread_exec_does_not_stall_another() {
     const TOTAL: usize = 50 * 1024 * 1024;
     const PATTERN: &[u8] = b"0123456789abcdef\n";
