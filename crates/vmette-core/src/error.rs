@@ -93,6 +93,17 @@ impl Error {
     }
 }
 
+impl From<vmette_proto::InvalidMessage> for Error {
+    /// A request that breaks the protocol's rules is the caller's mistake:
+    /// it is refused before anything is sent, naming the setting.
+    fn from(error: vmette_proto::InvalidMessage) -> Error {
+        Error::InvalidConfig {
+            field: error.field,
+            reason: error.reason.to_string(),
+        }
+    }
+}
+
 impl From<EngineError> for Error {
     /// An engine's [`EngineError::InvalidConfig`] is the caller's mistake
     /// and is reported as [`Error::InvalidConfig`]; every other engine error

@@ -136,12 +136,7 @@ impl<'a> Runner<'a> {
         let spec = exec_spec(config);
         // The guest refuses what breaks the protocol's rules; find out here,
         // before a VM starts, and name the setting.
-        HostMessage::Exec(spec.request(1))
-            .validate()
-            .map_err(|e| Error::InvalidConfig {
-                field: e.field,
-                reason: e.reason.to_string(),
-            })?;
+        HostMessage::Exec(spec.request(1)).validate()?;
 
         let interrupts = self.interrupts;
         let session = match Session::boot(

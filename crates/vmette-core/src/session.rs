@@ -186,6 +186,17 @@ pub enum ExecEvent {
     Exit(ExecStatus),
 }
 
+impl ExecEvent {
+    /// Which stream an output event came from, and how many bytes it holds.
+    fn output(&self) -> Option<(OutputStream, usize)> {
+        match self {
+            ExecEvent::Stdout(data) => Some((OutputStream::Stdout, data.len())),
+            ExecEvent::Stderr(data) => Some((OutputStream::Stderr, data.len())),
+            ExecEvent::Exit(_) => None,
+        }
+    }
+}
+
 /// A running VM whose agent serves execs until the session ends.
 ///
 /// Dropping a session that has not ended stops it: gracefully, then by
@@ -375,10 +386,7 @@ impl Session {
         // before a VM starts, and name the setting.
         HostMessage::Boot(envelope.clone())
             .validate()
-            .map_err(|e| Error::InvalidConfig {
-                field: e.field,
-                reason: e.reason.to_string(),
-            })?;
+            .map_err(Error::from)?;
 
         let (events_tx, events) = mpsc::sync_channel(control::EVENT_QUEUE);
         let mut vm = engine.start(&spec, &watchdog).map_err(Error::from)?;
@@ -528,10 +536,7 @@ impl Session {
         }
         let id = self.shared.next_id();
         let request = message(id);
-        request.validate().map_err(|e| Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason.to_string(),
-        })?;
+        request.validate()?;
         // What cannot be one frame would break the channel for everyone.
         if let Err(error) = vmette_proto::write_frame(&mut Vec::new(), &request) {
             return Err(Error::InvalidConfig {
@@ -727,14 +732,9 @@ impl Exec {
         let mut queue = lock(&self.state.queue);
         loop {
             if let Some(event) = queue.events.pop_front() {
-                if let ExecEvent::Stdout(data) | ExecEvent::Stderr(data) = &event {
-                    let stream = if matches!(event, ExecEvent::Stdout(_)) {
-                        OutputStream::Stdout
-                    } else {
-                        OutputStream::Stderr
-                    };
+                if let Some((stream, bytes)) = event.output() {
                     let caught_up = queue.events.is_empty();
-                    queue.consumed(stream, data.len(), caught_up, self.state.id, &self.sender);
+                    queue.consumed(stream, bytes, caught_up, self.state.id, &self.sender);
                 }
                 if matches!(event, ExecEvent::Exit(_)) {
                     queue.delivered = true;
@@ -792,10 +792,7 @@ impl Exec {
             id: self.state.id,
             signal,
         };
-        message.validate().map_err(|e| Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason.to_string(),
-        })?;
+        message.validate()?;
         self.sender.send(message)
     }
 
@@ -811,10 +808,7 @@ impl Exec {
             id: self.state.id,
             size,
         };
-        message.validate().map_err(|e| Error::InvalidConfig {
-            field: e.field,
-            reason: e.reason.to_string(),
-        })?;
+        message.validate()?;
         self.sender.send(message)
     }
 
@@ -869,13 +863,8 @@ impl Drop for Exec {
         let mut queue = lock(&self.state.queue);
         queue.detached = true;
         while let Some(event) = queue.events.pop_front() {
-            if let ExecEvent::Stdout(data) | ExecEvent::Stderr(data) = &event {
-                let stream = if matches!(event, ExecEvent::Stdout(_)) {
-                    OutputStream::Stdout
-                } else {
-                    OutputStream::Stderr
-                };
-                queue.consumed(stream, data.len(), true, self.state.id, &self.sender);
+            if let Some((stream, bytes)) = event.output() {
+                queue.consumed(stream, bytes, true, self.state.id, &self.sender);
             }
         }
     }
