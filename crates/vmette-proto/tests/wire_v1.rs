@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 
 use vmette_proto::{
-    write_frame, BootEnvelope, ExecRequest, ExitStatus, GuestMessage, HostMessage, OutputStream,
+    write_frame, BootEnvelope, DirEntry, ExecRequest, ExitStatus, FileError, FileErrorKind,
+    FileKind, FileOp, FileReply, FileRequest, FileStat, GuestMessage, HostMessage, OutputStream,
     OverlayUpper, PtySize, RootSource, ShareMount, PROTOCOL_VERSION,
 };
 
@@ -95,6 +96,28 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             }),
         ),
         (
+            "host file write",
+            frame(&HostMessage::File(FileRequest {
+                id: 3,
+                op: FileOp::Write {
+                    path: "/tmp/f".into(),
+                    mode: 0o644,
+                    parents: true,
+                    limit: 1 << 30,
+                },
+            })),
+        ),
+        (
+            "host file tar out",
+            frame(&HostMessage::File(FileRequest {
+                id: 4,
+                op: FileOp::TarOut {
+                    path: "/srv".into(),
+                    limit: 1 << 20,
+                },
+            })),
+        ),
+        (
             "host resize",
             frame(&HostMessage::Resize {
                 id: 2,
@@ -156,6 +179,41 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 id: 1,
                 message: "x: command not found".into(),
                 code: 127,
+            }),
+        ),
+        (
+            "guest file done",
+            frame(&GuestMessage::FileDone {
+                id: 3,
+                result: Ok(FileReply::Done { bytes: 5 }),
+            }),
+        ),
+        (
+            "guest file listing",
+            frame(&GuestMessage::FileDone {
+                id: 4,
+                result: Ok(FileReply::Entries {
+                    entries: vec![DirEntry {
+                        name: "a".into(),
+                        stat: FileStat {
+                            kind: FileKind::Symlink,
+                            size: 3,
+                            mode: 0o777,
+                            modified: 1_700_000_000,
+                        },
+                    }],
+                    truncated: false,
+                }),
+            }),
+        ),
+        (
+            "guest file error",
+            frame(&GuestMessage::FileDone {
+                id: 5,
+                result: Err(FileError {
+                    kind: FileErrorKind::NotFound,
+                    message: "/x: not found".into(),
+                }),
             }),
         ),
     ]
