@@ -73,12 +73,12 @@ pub struct SessionId(String);
 
 impl SessionId {
     fn fresh() -> SessionId {
+        use std::io::Read;
         let mut bytes = [0u8; 8];
-        // getrandom from the kernel; a clock-and-counter fallback still
-        // gives unique ids if it ever fails.
-        // SAFETY: the buffer is valid for its length.
-        let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-        if got != bytes.len() as isize {
+        // The kernel's randomness; the clock still gives distinct ids in
+        // the unlikely case it cannot be read.
+        let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+        if read.is_err() {
             let nanos = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);

@@ -1,0 +1,552 @@
+//! The HTTP API under `/v1`: sessions, their execs and the execs' events.
+//! Request and response bodies are JSON, errors are
+//! `{"error": {"code", "message"}}` with a fitting status. Everything that
+//! boots or waits runs on blocking threads, never on the async workers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use serde::{Deserialize, Serialize};
+use vmette::{Config, Exec, ExecSpec, PtySize};
+use vmette_manager::{Managed, Manager, ManagerError};
+
+use crate::events::{Events, Next};
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+
+/// Largest stdin body of one request.
+pub const MAX_STDIN_BODY: usize = 1 << 20;
+
+/// Most execs a session keeps track of (finished ones whose events were
+/// all delivered are forgotten first).
+const MAX_EXECS_PER_SESSION: usize = 256;
+
+/// What the handlers share.
+pub struct Daemon {
+    pub manager: Manager,
+    execs: Mutex<HashMap<(String, u32), Arc<Tracked>>>,
+}
+
+struct Tracked {
+    exec: Arc<Exec>,
+    events: Arc<Events>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Daemon {
+    pub fn new(manager: Manager) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            manager,
+            execs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Forgets the execs of sessions that are gone.
+    pub fn forget_sessions(&self, gone: &[String]) {
+        lock(&self.execs).retain(|(session, _), _| !gone.contains(session));
+    }
+}
+
+/// An API error: a status and one sentence.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(error: ManagerError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            ManagerError::LimitReached(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", message)
+            }
+            ManagerError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+            ManagerError::NameTaken(_) => {
+                ApiError::new(StatusCode::CONFLICT, "name_taken", message)
+            }
+            ManagerError::InvalidName { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+            }
+            ManagerError::Session(error) => error.into(),
+        }
+    }
+}
+
+impl From<vmette::Error> for ApiError {
+    fn from(error: vmette::Error) -> ApiError {
+        let message = sentence(&error);
+        match error {
+            vmette::Error::InvalidConfig { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+            }
+            vmette::Error::SessionEnded(_) => {
+                ApiError::new(StatusCode::GONE, "session_ended", message)
+            }
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vmette_failed", message),
+        }
+    }
+}
+
+/// The error and its causes as one sentence.
+fn sentence(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body whose rejections are API errors like every other: the
+/// status axum chose (400, 413, 415, 422) and one sentence.
+struct ApiJson<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(ApiError::new(
+                rejection.status(),
+                "bad_request",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// A raw body (stdin), its rejections API errors too.
+struct ApiBytes(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(request, state)
+            .await
+            .map(ApiBytes)
+            .map_err(|rejection| {
+                ApiError::new(rejection.status(), "bad_request", rejection.body_text())
+            })
+    }
+}
+
+/// Runs `work` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|_| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "vmette_failed",
+            "a request handler failed",
+        ))
+    })
+}
+
+/// The router, on `daemon`.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/sessions", post(create_session).get(list_sessions))
+        .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
+        .route("/v1/sessions/{id}/execs", post(create_exec))
+        .route("/v1/sessions/{id}/execs/{exec}/events", get(exec_events))
+        .route(
+            "/v1/sessions/{id}/execs/{exec}/stdin",
+            post(exec_stdin).layer(DefaultBodyLimit::max(MAX_STDIN_BODY)),
+        )
+        .route(
+            "/v1/sessions/{id}/execs/{exec}/stdin/close",
+            post(exec_stdin_close),
+        )
+        .route("/v1/sessions/{id}/execs/{exec}/signal", post(exec_signal))
+        .route("/v1/sessions/{id}/execs/{exec}/resize", post(exec_resize))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see docs/api.md",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(daemon)
+}
+
+#[derive(Serialize)]
+struct StatusBody {
+    version: &'static str,
+    sessions: usize,
+    memory_mib: u64,
+    max_sessions: usize,
+    max_memory_mib: u64,
+    idle_timeout_s: Option<u64>,
+}
+
+async fn status(State(daemon): State<Arc<Daemon>>) -> Json<StatusBody> {
+    let status = daemon.manager.status();
+    Json(StatusBody {
+        version: env!("CARGO_PKG_VERSION"),
+        sessions: status.sessions,
+        memory_mib: status.memory_mib,
+        max_sessions: status.limits.max_sessions,
+        max_memory_mib: status.limits.max_memory_mib,
+        idle_timeout_s: status.limits.idle_timeout.map(|t| t.as_secs()),
+    })
+}
+
+/// A session to create: the machine settings of `vmette run`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SessionRequest {
+    name: Option<String>,
+    memory_mib: Option<u32>,
+    vcpus: Option<u8>,
+    scratch_mib: Option<u64>,
+    timeout_s: Option<u64>,
+    idle_timeout_s: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct SessionBody {
+    id: String,
+    name: Option<String>,
+    memory_mib: u32,
+    vcpus: u8,
+    created_unix: u64,
+    state: &'static str,
+    end_reason: Option<String>,
+}
+
+fn session_body(managed: &Managed) -> SessionBody {
+    let end = managed.session.end_reason();
+    SessionBody {
+        id: managed.id.to_string(),
+        name: managed.name.clone(),
+        memory_mib: managed.memory_mib,
+        vcpus: managed.vcpus,
+        created_unix: managed
+            .created
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        state: if end.is_some() { "ended" } else { "running" },
+        end_reason: end.map(|r| r.to_string()),
+    }
+}
+
+async fn create_session(
+    State(daemon): State<Arc<Daemon>>,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<(StatusCode, Json<SessionBody>)> {
+    // No body at all means every default.
+    let request: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SessionRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("the session request is not valid: {e}"),
+            )
+        })?
+    };
+    let mut config = Config::default_machine();
+    if let Some(memory) = request.memory_mib {
+        config.memory_mib = memory;
+    }
+    if let Some(vcpus) = request.vcpus {
+        config.vcpus = vcpus;
+    }
+    config.scratch_mib = request.scratch_mib;
+    config.timeout = request.timeout_s.map(Duration::from_secs);
+    config.idle_timeout = request.idle_timeout_s.map(Duration::from_secs);
+    let managed = blocking(move || {
+        daemon
+            .manager
+            .create(&config, request.name.as_deref())
+            .map_err(ApiError::from)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(session_body(&managed))))
+}
+
+async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionBody>> {
+    Json(
+        daemon
+            .manager
+            .list()
+            .iter()
+            .map(|m| session_body(m))
+            .collect(),
+    )
+}
+
+async fn get_session(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SessionBody>> {
+    let managed = daemon.manager.get(&id)?;
+    Ok(Json(session_body(&managed)))
+}
+
+#[derive(Serialize)]
+struct Ended {
+    id: String,
+    end_reason: String,
+}
+
+async fn delete_session(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Ended>> {
+    let managed = daemon.manager.get(&id)?;
+    let key = managed.id.to_string();
+    drop(managed);
+    let reason = blocking({
+        let daemon = Arc::clone(&daemon);
+        let key = key.clone();
+        move || daemon.manager.remove(&key).map_err(ApiError::from)
+    })
+    .await?;
+    daemon.forget_sessions(std::slice::from_ref(&key));
+    Ok(Json(Ended {
+        id: key,
+        end_reason: reason.to_string(),
+    }))
+}
+
+/// A command to run in a session.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecRequest {
+    argv: Vec<String>,
+    #[serde(default)]
+    env: HashMap<String, String>,
+    workdir: Option<String>,
+    #[serde(default)]
+    stdin: bool,
+    #[serde(default)]
+    tty: bool,
+    rows: Option<u16>,
+    cols: Option<u16>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ExecBody {
+    id: u32,
+    session: String,
+}
+
+async fn create_exec(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<ExecRequest>,
+) -> ApiResult<(StatusCode, Json<ExecBody>)> {
+    let managed = daemon.manager.get(&id)?;
+    let mut spec = ExecSpec::new(request.argv);
+    let mut env: Vec<_> = request.env.into_iter().collect();
+    env.sort();
+    spec.env = env;
+    spec.workdir = request.workdir;
+    spec.stdin = request.stdin;
+    spec.pty = request.tty.then(|| PtySize {
+        rows: request.rows.unwrap_or(24),
+        cols: request.cols.unwrap_or(80),
+    });
+    spec.timeout = request.timeout_ms.map(Duration::from_millis);
+    let session = managed.id.to_string();
+    let exec = Arc::new(managed.session.exec(&spec)?);
+    let exec_id = exec.id();
+    let events = Events::pump(Arc::clone(&exec), request.tty).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "vmette_failed",
+            format!("cannot follow the exec: {e}"),
+        )
+    })?;
+    let mut execs = lock(&daemon.execs);
+    let mine = execs.keys().filter(|(s, _)| *s == session).count();
+    if mine >= MAX_EXECS_PER_SESSION {
+        execs.retain(|(s, _), tracked| *s != session || !tracked.events.drained());
+    }
+    execs.insert(
+        (session.clone(), exec_id),
+        Arc::new(Tracked { exec, events }),
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(ExecBody {
+            id: exec_id,
+            session,
+        }),
+    ))
+}
+
+fn tracked(daemon: &Daemon, id: &str, exec: u32) -> ApiResult<Arc<Tracked>> {
+    let managed = daemon.manager.get(id)?;
+    lock(&daemon.execs)
+        .get(&(managed.id.to_string(), exec))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("session {id} has no exec {exec}"),
+            )
+        })
+}
+
+async fn exec_events(
+    State(daemon): State<Arc<Daemon>>,
+    Path((id, exec)): Path<(String, u32)>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let tracked = tracked(&daemon, &id, exec)?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let events = Arc::clone(&tracked.events);
+    let stream = stream::unfold(
+        (events, after, Vec::new(), false),
+        |(events, after, mut pending, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(event) = pending.pop() {
+                    return Some((
+                        Ok(sse_event(&event)),
+                        (events, after.max(event.seq), pending, false),
+                    ));
+                }
+                let arrived = events.arrived.notified();
+                tokio::pin!(arrived);
+                arrived.as_mut().enable();
+                match events.next(after) {
+                    Next::Events(mut batch) => {
+                        batch.reverse();
+                        pending = batch;
+                    }
+                    Next::End => return None,
+                    Next::Wait => arrived.await,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+fn sse_event(event: &crate::events::Numbered) -> Event {
+    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
+    Event::default()
+        .id(event.seq.to_string())
+        .event(event.kind)
+        .data(data)
+}
+
+async fn exec_stdin(
+    State(daemon): State<Arc<Daemon>>,
+    Path((id, exec)): Path<(String, u32)>,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<StatusCode> {
+    let tracked = tracked(&daemon, &id, exec)?;
+    let stdin = tracked.exec.stdin();
+    blocking(move || stdin.write_all(&body).map_err(ApiError::from)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn exec_stdin_close(
+    State(daemon): State<Arc<Daemon>>,
+    Path((id, exec)): Path<(String, u32)>,
+) -> ApiResult<StatusCode> {
+    tracked(&daemon, &id, exec)?.exec.close_stdin()?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalRequest {
+    signal: i32,
+}
+
+async fn exec_signal(
+    State(daemon): State<Arc<Daemon>>,
+    Path((id, exec)): Path<(String, u32)>,
+    ApiJson(request): ApiJson<SignalRequest>,
+) -> ApiResult<StatusCode> {
+    tracked(&daemon, &id, exec)?.exec.signal(request.signal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeRequest {
+    rows: u16,
+    cols: u16,
+}
+
+async fn exec_resize(
+    State(daemon): State<Arc<Daemon>>,
+    Path((id, exec)): Path<(String, u32)>,
+    ApiJson(request): ApiJson<ResizeRequest>,
+) -> ApiResult<StatusCode> {
+    tracked(&daemon, &id, exec)?.exec.resize(PtySize {
+        rows: request.rows,
+        cols: request.cols,
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,165 @@
+//! The daemon's socket: a 0700 directory, a lock file that one daemon
+//! holds for as long as it serves, a 0600 socket, and a peer check on every
+//! connection before a byte of it is read.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+/// Most connections served at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Most bytes of request head (line and headers) read.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// How long a client may take to send a request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The socket file's name in the socket directory.
+pub const SOCKET_NAME: &str = "vmetted.sock";
+
+/// The directory the daemon serves from: `$XDG_RUNTIME_DIR/vmette`, else
+/// `vmette/run` under the cache directory.
+pub fn default_dir() -> anyhow::Result<PathBuf> {
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(runtime).join("vmette"));
+    }
+    let cache =
+        vmette::assets::Cache::locate().context("cannot find a directory for the socket")?;
+    Ok(cache.root().join("run"))
+}
+
+/// A bound, locked socket directory. Dropping it removes the socket; the
+/// lock goes with the process.
+pub struct Bound {
+    pub listener: UnixListener,
+    pub socket: PathBuf,
+    _lock: File,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.socket);
+    }
+}
+
+/// Creates `dir` (0700, ours), takes its lock, replaces a stale socket
+/// and binds a new one with mode 0600.
+pub fn bind(dir: &Path) -> anyhow::Result<Bound> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let meta =
+        fs::symlink_metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    use std::os::unix::fs::MetadataExt;
+    if !meta.is_dir() || meta.uid() != uid {
+        bail!(
+            "{} is not a directory of this user; remove it or pass another --socket-dir",
+            dir.display()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", dir.display()))?;
+    }
+
+    let lock_path = dir.join("vmetted.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own; it has no memory effects.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another vmetted already serves {}; stop it first (vmette daemon stop)",
+            dir.display()
+        );
+    }
+
+    // Holding the lock, any socket here is a dead daemon's.
+    let socket = dir.join(SOCKET_NAME);
+    match fs::remove_file(&socket) {
+        Ok(()) => tracing::info!("replaced a stale socket"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
+    }
+    // The socket is created 0600, never briefly wider.
+    // SAFETY: umask only swaps the process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(&socket);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.with_context(|| format!("cannot bind {}", socket.display()))?;
+    Ok(Bound {
+        listener,
+        socket,
+        _lock: lock,
+    })
+}
+
+/// Serves `app` on `listener` until the process ends: each connection is
+/// checked for the daemon's own uid before hyper reads from it, and
+/// limited in count, head size and head time.
+pub async fn serve(listener: &UnixListener, app: axum::Router) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == uid => {}
+            Ok(cred) => {
+                tracing::warn!(
+                    peer_uid = cred.uid(),
+                    "refused a connection from another user"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("refused a connection whose peer is unknown: {e}");
+                continue;
+            }
+        }
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!("refused a connection: {MAX_CONNECTIONS} are open");
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,524 @@
+//! `vmetted` on real VMs and a real socket, driven by `curl --unix-socket`
+//! (a client nobody here wrote): sessions and execs with their events as
+//! Server-Sent Events, stdin, reconnection with `Last-Event-ID`, errors and
+//! limits; the socket's modes and the lock; SIGKILL of the daemon leaving
+//! nothing behind; and connections from other users refused before any
+//! response.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const VMETTED: &str = env!("CARGO_BIN_EXE_vmetted");
+
+/// A daemon of the test's own: its socket directory and TMPDIR (where the
+/// sessions' run directories go) are private temporary directories.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    tmp: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("vmetted-sock-")
+            .tempdir()
+            .expect("dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("vmetted-tmp-")
+            .tempdir()
+            .expect("tmp");
+        let child = spawn(&dir.path().join("d"), tmp.path(), args);
+        let daemon = Daemon { child, dir, tmp };
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// A new daemon on the same directories, after the old one died.
+    fn restart(&mut self) {
+        self.child = spawn(&self.socket_dir(), self.tmp.path(), &[]);
+        self.wait_ready();
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("d")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.socket_dir().join("vmetted.sock")
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if curl(&self.socket(), &["http://vmette/v1/status"])
+                .status
+                .success()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("vmetted did not serve within 30 s");
+    }
+
+    /// A JSON request; the status and the body.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let url = format!("http://vmette{path}");
+        let mut args = vec!["-X", method, "-w", "\n%{http_code}", url.as_str()];
+        if let Some(body) = body {
+            args.extend(["-H", "content-type: application/json", "-d", body]);
+        }
+        let output = curl(&self.socket(), &args);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("status line");
+        let value = if body.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+        };
+        (code.trim().parse().expect("status"), value)
+    }
+
+    /// An exec's events from `after`, until the stream ends or `limit`.
+    fn events(
+        &self,
+        session: &str,
+        exec: u64,
+        after: u64,
+        limit: Duration,
+    ) -> Vec<(u64, String, Value)> {
+        let url = format!("http://vmette/v1/sessions/{session}/execs/{exec}/events");
+        let header = format!("last-event-id: {after}");
+        let max = format!("{}", limit.as_secs_f64());
+        let output = curl(
+            &self.socket(),
+            &["-N", "--max-time", &max, "-H", &header, &url],
+        );
+        parse_sse(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    fn exec(&self, session: &str, body: &str) -> u64 {
+        let (code, value) = self.call("POST", &format!("/v1/sessions/{session}/execs"), Some(body));
+        assert_eq!(code, 201, "{value}");
+        value["id"].as_u64().expect("exec id")
+    }
+
+    /// The exec's stdout, stderr and exit code, read to its end.
+    fn run(&self, session: &str, body: &str) -> (Vec<u8>, Vec<u8>, i64) {
+        let exec = self.exec(session, body);
+        collect(&self.events(session, exec, 0, Duration::from_secs(120)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(socket_dir: &Path, tmp: &Path, args: &[&str]) -> Child {
+    Command::new(VMETTED)
+        .arg("--socket-dir")
+        .arg(socket_dir)
+        .args(args)
+        .env("TMPDIR", tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vmetted")
+}
+
+fn curl(socket: &Path, args: &[&str]) -> Output {
+    Command::new("curl")
+        .arg("-sS")
+        .arg("--unix-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("curl")
+}
+
+fn parse_sse(text: &str) -> Vec<(u64, String, Value)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let (mut id, mut kind, mut data) = (0, String::new(), Value::Null);
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = v.parse().unwrap_or(0);
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                kind = v.to_string();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = serde_json::from_str(v).unwrap_or(Value::Null);
+            }
+        }
+        if !kind.is_empty() {
+            out.push((id, kind, data));
+        }
+    }
+    out
+}
+
+fn decode(data: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(data["data"].as_str().expect("data"))
+        .expect("base64")
+}
+
+fn collect(events: &[(u64, String, Value)]) -> (Vec<u8>, Vec<u8>, i64) {
+    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), -1);
+    for (_, kind, data) in events {
+        match kind.as_str() {
+            "stdout" => out.extend(decode(data)),
+            "stderr" => err.extend(decode(data)),
+            "exit" | "failed" => code = data["exit_code"].as_i64().expect("exit code"),
+            other => panic!("unexpected event {other}: {data}"),
+        }
+    }
+    (out, err, code)
+}
+
+/// Pids whose command line or environment mentions `dir`.
+fn processes_referring_to(dir: &Path) -> Vec<String> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            .is_none()
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        if status.contains("State:\tZ") {
+            continue;
+        }
+        for file in ["cmdline", "environ"] {
+            let bytes = std::fs::read(entry.path().join(file)).unwrap_or_default();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                found.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+                break;
+            }
+        }
+    }
+    found
+}
+
+fn assert_clean(tmp: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let holders = processes_referring_to(tmp);
+        let entries: Vec<_> = std::fs::read_dir(tmp)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if holders.is_empty() && entries.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leftovers: processes {holders:?}, files {entries:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sessions_and_execs_over_the_socket() {
+    let daemon = Daemon::start(&["--max-sessions", "1"]);
+    let dir = std::fs::metadata(daemon.socket_dir()).expect("dir");
+    assert_eq!(dir.mode() & 0o777, 0o700);
+    let socket = std::fs::metadata(daemon.socket()).expect("socket");
+    assert_eq!(socket.mode() & 0o777, 0o600);
+
+    let (code, created) = daemon.call("POST", "/v1/sessions", Some(r#"{"name":"t"}"#));
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let (code, refused) = daemon.call("POST", "/v1/sessions", Some("{}"));
+    assert_eq!(code, 429, "{refused}");
+    assert!(refused["error"]["message"]
+        .as_str()
+        .expect("message")
+        .contains("sessions"));
+    let (code, list) = daemon.call("GET", "/v1/sessions", None);
+    assert_eq!(code, 200);
+    assert_eq!(list[0]["id"], id.as_str());
+
+    for i in 0..20 {
+        let body = format!(
+            r#"{{"argv":["sh","-c","echo out-{i}; echo err-{i} >&2; exit {}"]}}"#,
+            i % 5
+        );
+        let (out, err, code) = daemon.run("t", &body);
+        assert_eq!(
+            (out, err, code),
+            (
+                format!("out-{i}\n").into_bytes(),
+                format!("err-{i}\n").into_bytes(),
+                i % 5
+            )
+        );
+    }
+
+    let started = Instant::now();
+    let execs: Vec<u64> = (0..4)
+        .map(|i| {
+            daemon.exec(
+                "t",
+                &format!(r#"{{"argv":["sh","-c","sleep 2; echo done-{i}"]}}"#),
+            )
+        })
+        .collect();
+    for (i, exec) in execs.into_iter().enumerate() {
+        let (out, _, code) = collect(&daemon.events("t", exec, 0, Duration::from_secs(60)));
+        assert_eq!((out, code), (format!("done-{i}\n").into_bytes(), 0));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "the four execs did not run at once"
+    );
+
+    // Stdin in, then closed.
+    let cat = daemon.exec("t", r#"{"argv":["cat"],"stdin":true}"#);
+    let stdin = format!("http://vmette/v1/sessions/t/execs/{cat}/stdin");
+    let sent = curl(
+        &daemon.socket(),
+        &["-X", "POST", "--data-binary", "hello\n", &stdin],
+    );
+    assert!(sent.status.success());
+    let (code, _) = daemon.call(
+        "POST",
+        &format!("/v1/sessions/t/execs/{cat}/stdin/close"),
+        None,
+    );
+    assert_eq!(code, 204);
+    let (out, _, code) = collect(&daemon.events("t", cat, 0, Duration::from_secs(60)));
+    assert_eq!((out, code), (b"hello\n".to_vec(), 0));
+
+    // A client that leaves mid-stream and comes back misses nothing; one
+    // that asks for what another already took is told what it missed.
+    let ticker = daemon.exec(
+        "t",
+        r#"{"argv":["sh","-c","for i in 1 2 3 4 5 6; do echo tick-$i; sleep 0.5; done"]}"#,
+    );
+    let first = daemon.events("t", ticker, 0, Duration::from_millis(1500));
+    assert!(!first.is_empty(), "no event in the first 1.5 s");
+    let last = first.last().expect("event").0;
+    let rest = daemon.events("t", ticker, last, Duration::from_secs(60));
+    let mut all = first.clone();
+    all.extend(rest);
+    let (out, _, code) = collect(&all);
+    assert_eq!(code, 0);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "tick-1\ntick-2\ntick-3\ntick-4\ntick-5\ntick-6\n"
+    );
+
+    // Errors: JSON, one sentence, the right status.
+    let (code, body) = daemon.call("GET", "/v1/nowhere", None);
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (code, _) = daemon.call("GET", "/v1/sessions/vm-0000000000000000", None);
+    assert_eq!(code, 404);
+    let (code, _) = daemon.call("POST", "/v1/sessions/t/execs", Some(r#"{"argv":"#));
+    assert!((400..500).contains(&code), "malformed JSON got {code}");
+    let (code, _) = daemon.call("POST", "/v1/sessions/t/execs", Some(r#"{"argv":[]}"#));
+    assert_eq!(code, 422);
+    let big = format!(r#"{{"argv":["echo","{}"]}}"#, "x".repeat(100_000));
+    let (code, _) = daemon.call("POST", "/v1/sessions/t/execs", Some(&big));
+    assert_eq!(code, 413);
+    let huge_header = format!("x-big: {}", "y".repeat(64 * 1024));
+    let output = curl(
+        &daemon.socket(),
+        &[
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+            "-H",
+            &huge_header,
+            "http://vmette/v1/status",
+        ],
+    );
+    let status = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        status.starts_with('4') || status == "000",
+        "oversized header got {status}"
+    );
+    // The session is unaffected by all that.
+    let (out, _, code) = daemon.run("t", r#"{"argv":["echo","still"]}"#);
+    assert_eq!((out, code), (b"still\n".to_vec(), 0));
+
+    // A second daemon on the same directory is refused, with one sentence.
+    let second = Command::new(VMETTED)
+        .arg("--socket-dir")
+        .arg(daemon.socket_dir())
+        .output()
+        .expect("second vmetted");
+    assert_eq!(second.status.code(), Some(125));
+    let message = String::from_utf8_lossy(&second.stderr);
+    assert!(message.contains("another vmetted"), "{message}");
+
+    let (code, ended) = daemon.call("DELETE", "/v1/sessions/t", None);
+    assert_eq!(code, 200, "{ended}");
+    let (code, _) = daemon.call("GET", &format!("/v1/sessions/{id}"), None);
+    assert_eq!(code, 404);
+    let tmp = daemon.tmp.path().to_path_buf();
+    drop(daemon);
+    assert_clean(&tmp);
+}
+
+#[test]
+fn sigkill_of_the_daemon_leaves_nothing_and_a_new_one_serves_at_once() {
+    let mut daemon = Daemon::start(&[]);
+    for _ in 0..2 {
+        let (code, body) = daemon.call("POST", "/v1/sessions", Some("{}"));
+        assert_eq!(code, 201, "{body}");
+    }
+    let tmp = daemon.tmp.path().to_path_buf();
+    assert!(
+        processes_referring_to(&tmp)
+            .iter()
+            .filter(|p| p.contains("qemu-system"))
+            .count()
+            >= 2,
+        "two VMs should be running"
+    );
+    daemon.child.kill().expect("SIGKILL");
+    daemon.child.wait().expect("reap");
+    assert_clean(&tmp);
+
+    // The stale socket and lock are taken over at once.
+    assert!(
+        daemon.socket().exists(),
+        "the dead daemon's socket is still there"
+    );
+    let started = Instant::now();
+    daemon.restart();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (code, status) = daemon.call("GET", "/v1/status", None);
+    assert_eq!((code, status["sessions"].as_u64()), (200, Some(0)));
+}
+
+const OWNER: &str = "vmette-e2e";
+const STRANGER: &str = "vmette-e2e2";
+
+fn ensure_user(name: &str) {
+    let exists = Command::new("id")
+        .arg(name)
+        .output()
+        .expect("id")
+        .status
+        .success();
+    if !exists {
+        let made = Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", name])
+            .status()
+            .expect("useradd");
+        assert!(made.success());
+    }
+}
+
+#[test]
+fn other_users_are_refused_before_any_response() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the other-user checks need root to create users; skipped");
+        return;
+    }
+    ensure_user(OWNER);
+    ensure_user(STRANGER);
+    let base = tempfile::Builder::new()
+        .prefix("vmetted-users-")
+        .tempdir()
+        .expect("tmp");
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = base.path().join("sock");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let chown = Command::new("chown")
+        .arg(OWNER)
+        .arg(&dir)
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    // vmetted only serves; no session is created, so it needs no VM assets.
+    let mut child = Command::new("runuser")
+        .args(["-u", OWNER, "--"])
+        .arg(VMETTED)
+        .arg("--socket-dir")
+        .arg(dir.join("d"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("runuser vmetted");
+    let socket = dir.join("d/vmetted.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "vmetted as {OWNER} did not bind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Root passes file permissions, but not the peer check.
+    let output = curl(&socket, &["-w", "%{http_code}", "http://vmette/v1/status"]);
+    let code = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(code, "000", "root got an HTTP response: {code}");
+    assert!(!output.status.success());
+
+    // A second user, with the modes opened up for the test, is refused too.
+    for path in [dir.join("d"), socket.clone()] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("open up");
+    }
+    let output = Command::new("runuser")
+        .args([
+            "-u",
+            STRANGER,
+            "--",
+            "curl",
+            "-sS",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(&socket)
+        .arg("http://vmette/v1/status")
+        .output()
+        .expect("curl as another user");
+    let code = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(code, "000", "another user got an HTTP response: {code}");
+
+    // The daemon's own user is served.
+    let output = Command::new("runuser")
+        .args(["-u", OWNER, "--", "curl", "-sS", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://vmette/v1/status")
+        .output()
+        .expect("curl as the owner");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("\"version\""),
+        "{output:?}"
+    );
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
