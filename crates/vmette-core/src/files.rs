@@ -200,6 +200,25 @@ impl Session {
         Ok(unpacked)
     }
 
+    /// Streams a tar of the guest directory (or file) `guest_path` into
+    /// `sink` as the guest produces it, up to the transfer limit; for a
+    /// client that unpacks it itself (with [`tree::unpack`], for one).
+    /// Returns the bytes sent.
+    pub fn copy_out_tar(&self, guest_path: &str, sink: &mut dyn Write) -> Result<u64, Error> {
+        let limit = self.transfer_limit();
+        let op = self.file_op(FileOp::TarOut {
+            path: guest_path.into(),
+            limit,
+        })?;
+        let mut capped = Capped {
+            sink,
+            left: limit,
+            path: guest_path,
+        };
+        done(guest_path, &op, &mut capped)?;
+        Ok(limit - capped.left)
+    }
+
     fn file_op(&self, op: FileOp) -> Result<Exec, Error> {
         let kind = OpKind::File {
             output: op.gives_output(),

@@ -13,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use vmette::{Config, Exec, ExecSpec, PtySize};
 use vmette_manager::{Managed, Manager, ManagerError};
 
 use crate::events::{Events, Next};
+use crate::files;
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
@@ -34,7 +35,7 @@ const MAX_EXECS_PER_SESSION: usize = 256;
 
 /// What the handlers share.
 pub struct Daemon {
-    pub manager: Manager,
+    pub(crate) manager: Manager,
     execs: Mutex<HashMap<(String, u32), Arc<Tracked>>>,
 }
 
@@ -69,7 +70,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -128,6 +133,20 @@ impl From<vmette::Error> for ApiError {
             vmette::Error::SessionEnded(_) => {
                 ApiError::new(StatusCode::GONE, "session_ended", message)
             }
+            vmette::Error::File { kind, .. } => {
+                let code = match kind {
+                    vmette::FileErrorKind::NotFound => "not_found",
+                    vmette::FileErrorKind::TooLarge => "too_large",
+                    vmette::FileErrorKind::IsADirectory
+                    | vmette::FileErrorKind::NotADirectory
+                    | vmette::FileErrorKind::AlreadyExists => "conflict",
+                    _ => "file_failed",
+                };
+                ApiError::new(files::status_of(kind), code, message)
+            }
+            vmette::Error::Unpack(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vmette_failed", message),
         }
     }
@@ -145,7 +164,7 @@ fn sentence(error: &dyn std::error::Error) -> String {
     text
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// A JSON body whose rejections are API errors like every other: the
 /// status axum chose (400, 413, 415, 422) and one sentence.
@@ -183,7 +202,7 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBytes {
 }
 
 /// Runs `work` on a blocking thread.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|_| {
@@ -213,6 +232,24 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         )
         .route("/v1/sessions/{id}/execs/{exec}/signal", post(exec_signal))
         .route("/v1/sessions/{id}/execs/{exec}/resize", post(exec_resize))
+        // Transfers are capped by the session's transfer limit, not by the
+        // JSON body limit.
+        .route(
+            "/v1/sessions/{id}/files",
+            put(files::put_file)
+                .get(files::get_file)
+                .delete(files::delete)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/sessions/{id}/files/stat", get(files::stat))
+        .route("/v1/sessions/{id}/files/list", get(files::list))
+        .route("/v1/sessions/{id}/files/mkdir", post(files::mkdir))
+        .route(
+            "/v1/sessions/{id}/tree",
+            put(files::put_tree)
+                .get(files::get_tree)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

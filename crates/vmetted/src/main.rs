@@ -10,6 +10,7 @@
 
 mod api;
 mod events;
+mod files;
 mod listener;
 
 use std::path::PathBuf;

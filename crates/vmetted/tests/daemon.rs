@@ -522,3 +522,170 @@ fn other_users_are_refused_before_any_response() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
 }
+
+#[test]
+fn files_and_trees_over_the_socket() {
+    let daemon = Daemon::start(&[]);
+    let (code, body) = daemon.call("POST", "/v1/sessions", Some(r#"{"name":"f"}"#));
+    assert_eq!(code, 201, "{body}");
+    let work = tempfile::tempdir().expect("tmp");
+
+    // 10 MiB up and down, byte for byte.
+    let data: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i * 31 + i / 7919) as u8)
+        .collect();
+    let upload = work.path().join("up.bin");
+    std::fs::write(&upload, &data).expect("write");
+    let file_url = "http://vmette/v1/sessions/f/files?path=/srv/data/big.bin&mode=600";
+    let sent = curl(
+        &daemon.socket(),
+        &[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &format!("@{}", upload.display()),
+            "-w",
+            "%{http_code}",
+            file_url,
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&sent.stdout).ends_with("201"),
+        "{sent:?}"
+    );
+    let download = work.path().join("down.bin");
+    let got = curl(
+        &daemon.socket(),
+        &[
+            "-o",
+            &download.display().to_string(),
+            "http://vmette/v1/sessions/f/files?path=/srv/data/big.bin",
+        ],
+    );
+    assert!(got.status.success(), "{got:?}");
+    assert!(
+        std::fs::read(&download).expect("read") == data,
+        "the file came back changed"
+    );
+    let (code, stat) = daemon.call(
+        "GET",
+        "/v1/sessions/f/files/stat?path=/srv/data/big.bin",
+        None,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        (
+            stat["kind"].as_str(),
+            stat["size"].as_u64(),
+            stat["mode"].as_str()
+        ),
+        (Some("file"), Some(10 << 20), Some("600"))
+    );
+
+    // A tree both ways as tar, made and unpacked by the system's tar.
+    let source = work.path().join("src");
+    for i in 0..30 {
+        let dir = source.join(format!("d{}", i % 3));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join(format!("f{i}")),
+            format!("file {i}\n").repeat(i + 1),
+        )
+        .expect("write");
+    }
+    std::os::unix::fs::symlink("d0/f0", source.join("link")).expect("symlink");
+    let tar_in = work.path().join("in.tar");
+    let packed = Command::new("tar")
+        .arg("-C")
+        .arg(&source)
+        .arg("-cf")
+        .arg(&tar_in)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(packed.success());
+    let sent = curl(
+        &daemon.socket(),
+        &[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &format!("@{}", tar_in.display()),
+            "-w",
+            "%{http_code}",
+            "http://vmette/v1/sessions/f/tree?path=/srv/tree",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&sent.stdout).ends_with("201"),
+        "{sent:?}"
+    );
+    let (code, listing) = daemon.call("GET", "/v1/sessions/f/files/list?path=/srv/tree", None);
+    assert_eq!(code, 200);
+    let names: Vec<_> = listing["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["name"].as_str().expect("name").to_string())
+        .collect();
+    assert_eq!(names, ["d0", "d1", "d2", "link"]);
+    let tar_out = work.path().join("out.tar");
+    let got = curl(
+        &daemon.socket(),
+        &[
+            "-o",
+            &tar_out.display().to_string(),
+            "http://vmette/v1/sessions/f/tree?path=/srv/tree",
+        ],
+    );
+    assert!(got.status.success());
+    let back = work.path().join("back");
+    std::fs::create_dir(&back).expect("mkdir");
+    let unpacked = Command::new("tar")
+        .arg("-C")
+        .arg(&back)
+        .arg("-xf")
+        .arg(&tar_out)
+        .status()
+        .expect("tar");
+    assert!(unpacked.success());
+    let diff = Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&source)
+        .arg(&back)
+        .output()
+        .expect("diff");
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+
+    // mkdir, delete, and typed errors.
+    let (code, _) = daemon.call(
+        "POST",
+        "/v1/sessions/f/files/mkdir?path=/srv/a/b&parents=true",
+        None,
+    );
+    assert_eq!(code, 204);
+    let (code, _) = daemon.call(
+        "DELETE",
+        "/v1/sessions/f/files?path=/srv/a&recursive=true",
+        None,
+    );
+    assert_eq!(code, 204);
+    let (code, body) = daemon.call("GET", "/v1/sessions/f/files/stat?path=/srv/a", None);
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (code, _) = daemon.call("GET", "/v1/sessions/f/files?path=/srv/tree", None);
+    assert_eq!(code, 409, "a directory is not a file");
+    let (code, _) = daemon.call("GET", "/v1/sessions/f/files?path=relative", None);
+    assert_eq!(code, 422);
+    let (code, _) = daemon.call("GET", "/v1/sessions/f/files", None);
+    assert_eq!(code, 400, "the path is required");
+    let (out, _, code) = daemon.run("f", r#"{"argv":["cat","/srv/tree/d1/f1"]}"#);
+    assert_eq!((out, code), (b"file 1\nfile 1\n".to_vec(), 0));
+}

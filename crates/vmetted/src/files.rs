@@ -1,0 +1,340 @@
+//! File routes: a session's files as `application/octet-stream` bodies
+//! streamed in and out (never held whole in memory), trees as tar streams,
+//! and listing, stat, mkdir and delete as JSON. Every transfer is capped by
+//! the library's transfer limit on both sides of the guest.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use vmette::{DirEntry, FileErrorKind, FileKind, FileStat};
+use vmette_manager::Managed;
+
+use crate::api::{blocking, ApiError, ApiResult, Daemon};
+
+/// Chunks in flight between a body and the guest, each as large as the
+/// client or the guest made it.
+const PIPE_CHUNKS: usize = 8;
+
+/// The guest path a file route works on, and its options.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathQuery {
+    path: String,
+    /// Octal permission bits for an upload (default 644).
+    mode: Option<String>,
+    /// For mkdir: make missing parents; for delete: remove a directory's
+    /// contents too.
+    #[serde(default)]
+    parents: bool,
+    #[serde(default)]
+    recursive: bool,
+}
+
+type Query_ = Result<Query<PathQuery>, axum::extract::rejection::QueryRejection>;
+
+fn query(query: Query_) -> ApiResult<PathQuery> {
+    query.map(|Query(q)| q).map_err(|rejection| {
+        ApiError::new(rejection.status(), "bad_request", rejection.body_text())
+    })
+}
+
+/// The status for a failed file operation: the caller's mistake or the
+/// guest's state, never the daemon's fault.
+pub fn status_of(kind: FileErrorKind) -> StatusCode {
+    match kind {
+        FileErrorKind::NotFound => StatusCode::NOT_FOUND,
+        FileErrorKind::IsADirectory
+        | FileErrorKind::NotADirectory
+        | FileErrorKind::AlreadyExists => StatusCode::CONFLICT,
+        FileErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        FileErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+        FileErrorKind::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    }
+}
+
+/// Reads a request body, chunk by chunk, on a blocking thread.
+struct BodyReader {
+    chunks: mpsc::Receiver<io::Result<Bytes>>,
+    chunk: Bytes,
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
+}
+
+/// Feeds `body` to `work`, which reads it on a blocking thread.
+async fn with_body<T: Send + 'static>(
+    body: Body,
+    work: impl FnOnce(&mut BodyReader) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let (chunks, receiver) = mpsc::channel(PIPE_CHUNKS);
+    let worker = blocking(move || {
+        let mut reader = BodyReader {
+            chunks: receiver,
+            chunk: Bytes::new(),
+        };
+        work(&mut reader)
+    });
+    let feeder = async move {
+        let mut stream = body.into_data_stream();
+        while let Some(frame) = stream.next().await {
+            let item = frame.map_err(io::Error::other);
+            let failed = item.is_err();
+            // The worker stops reading once the guest refused the
+            // transfer; the rest of the body is not wanted.
+            if chunks.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    };
+    let (result, ()) = tokio::join!(worker, feeder);
+    result
+}
+
+/// Streams what `work` writes, on a blocking thread, as the response body.
+fn streamed(
+    work: impl FnOnce(&mut BodyWriter) -> Result<(), vmette::Error> + Send + 'static,
+) -> Body {
+    let (chunks, receiver) = mpsc::channel::<io::Result<Bytes>>(PIPE_CHUNKS);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = BodyWriter { chunks };
+        if let Err(error) = work(&mut writer) {
+            // The status is sent already; a broken body is what is left.
+            let _ = writer
+                .chunks
+                .blocking_send(Err(io::Error::other(error.to_string())));
+        }
+    });
+    Body::from_stream(futures_util::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    ))
+}
+
+/// Hands what it is given to the response body.
+struct BodyWriter {
+    chunks: mpsc::Sender<io::Result<Bytes>>,
+}
+
+impl Write for BodyWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.chunks
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn session(daemon: &Daemon, id: &str) -> ApiResult<Arc<Managed>> {
+    Ok(daemon.manager.get(id)?)
+}
+
+#[derive(Serialize)]
+pub struct Moved {
+    bytes: u64,
+}
+
+/// `PUT /v1/sessions/{id}/files?path=…&mode=…`: the body becomes the file.
+pub async fn put_file(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Moved>)> {
+    let q = query(q)?;
+    let mode = match &q.mode {
+        Some(mode) => u32::from_str_radix(mode, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    format!("mode {mode:?} is not octal permission bits such as 644"),
+                )
+            })?,
+        None => 0o644,
+    };
+    let managed = session(&daemon, &id)?;
+    let bytes = with_body(body, move |reader| {
+        Ok(managed.session.write_file(&q.path, reader, mode)?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(Moved { bytes })))
+}
+
+/// `GET /v1/sessions/{id}/files?path=…`: the file, streamed.
+pub async fn get_file(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    let managed = session(&daemon, &id)?;
+    // A missing path or a directory is a clean error before the body starts.
+    let stat = {
+        let managed = Arc::clone(&managed);
+        let path = q.path.clone();
+        blocking(move || Ok(managed.session.stat(&path)?)).await?
+    };
+    if stat.kind == FileKind::Directory {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "is_a_directory",
+            format!("{} is a directory; get it as a tree", q.path),
+        ));
+    }
+    let body = streamed(move |writer| managed.session.read_file(&q.path, writer).map(drop));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// `PUT /v1/sessions/{id}/tree?path=…`: a tar body unpacked into a directory.
+pub async fn put_tree(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Moved>)> {
+    let q = query(q)?;
+    let managed = session(&daemon, &id)?;
+    let bytes = with_body(body, move |reader| {
+        Ok(managed.session.copy_in_tar(reader, &q.path)?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(Moved { bytes })))
+}
+
+/// `GET /v1/sessions/{id}/tree?path=…`: a tar of a directory or file.
+pub async fn get_tree(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    let managed = session(&daemon, &id)?;
+    {
+        let managed = Arc::clone(&managed);
+        let path = q.path.clone();
+        blocking(move || Ok(managed.session.stat(&path)?)).await?;
+    }
+    let body = streamed(move |writer| managed.session.copy_out_tar(&q.path, writer).map(drop));
+    Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
+}
+
+#[derive(Serialize)]
+pub struct StatBody {
+    kind: &'static str,
+    size: u64,
+    mode: String,
+    modified_unix: i64,
+}
+
+fn stat_body(stat: &FileStat) -> StatBody {
+    StatBody {
+        kind: match stat.kind {
+            FileKind::File => "file",
+            FileKind::Directory => "directory",
+            FileKind::Symlink => "symlink",
+            FileKind::Other => "other",
+        },
+        size: stat.size,
+        mode: format!("{:o}", stat.mode),
+        modified_unix: stat.modified,
+    }
+}
+
+/// `GET /v1/sessions/{id}/files/stat?path=…`.
+pub async fn stat(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+) -> ApiResult<Json<StatBody>> {
+    let q = query(q)?;
+    let managed = session(&daemon, &id)?;
+    let stat = blocking(move || Ok(managed.session.stat(&q.path)?)).await?;
+    Ok(Json(stat_body(&stat)))
+}
+
+#[derive(Serialize)]
+pub struct EntryBody {
+    name: String,
+    #[serde(flatten)]
+    stat: StatBody,
+}
+
+#[derive(Serialize)]
+pub struct Listing {
+    entries: Vec<EntryBody>,
+    truncated: bool,
+}
+
+/// `GET /v1/sessions/{id}/files/list?path=…`.
+pub async fn list(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+) -> ApiResult<Json<Listing>> {
+    let q = query(q)?;
+    let managed = session(&daemon, &id)?;
+    let (entries, truncated): (Vec<DirEntry>, bool) =
+        blocking(move || Ok(managed.session.list_dir(&q.path)?)).await?;
+    Ok(Json(Listing {
+        entries: entries
+            .iter()
+            .map(|e| EntryBody {
+                name: e.name.clone(),
+                stat: stat_body(&e.stat),
+            })
+            .collect(),
+        truncated,
+    }))
+}
+
+/// `POST /v1/sessions/{id}/files/mkdir?path=…&parents=true`.
+pub async fn mkdir(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+) -> ApiResult<StatusCode> {
+    let q = query(q)?;
+    let managed = session(&daemon, &id)?;
+    blocking(move || Ok(managed.session.make_dir(&q.path, q.parents)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/sessions/{id}/files?path=…&recursive=true`.
+pub async fn delete(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    q: Query_,
+) -> ApiResult<StatusCode> {
+    let q = query(q)?;
+    let managed = session(&daemon, &id)?;
+    blocking(move || Ok(managed.session.remove(&q.path, q.recursive)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
