@@ -198,6 +198,7 @@ cargo build --profile release-guest --target "$guest_target" -p vmette-guest --q
 
 install -d "$prefix/bin" "$prefix/lib/vmette"
 install -m 0755 target/release/vmette "$prefix/bin/vmette"
+install -m 0755 target/release/vmetted "$prefix/bin/vmetted"
 install -m 0755 "target/$guest_target/release-guest/vmette-guest" "$prefix/lib/vmette/vmette-guest"
 case ":$PATH:" in
     *":$prefix/bin:"*) ;;

@@ -67,7 +67,7 @@ purge_setup_packages() {
 remove_setup_files() {
     local prefix
     for prefix in /usr/local "$HOME/.local"; do
-        rm -f "$prefix"/bin/{vmette,virtiofsd,vhost-device-vsock} "$prefix"/.crates.toml "$prefix"/.crates2.json
+        rm -f "$prefix"/bin/{vmette,vmetted,virtiofsd,vhost-device-vsock} "$prefix"/.crates.toml "$prefix"/.crates2.json
         rm -rf "$prefix/lib/vmette"
     done
     local target

@@ -20,6 +20,11 @@ shellcheck "${scripts[@]}"
 scripts/check-pipelines.sh --self-test
 scripts/check-pipelines.sh "${scripts[@]}"
 
+say "the systemd user unit (systemd-analyze verify)"
+# verify exits 0 on settings it ignores, so any complaint fails the step.
+unit_check=$(systemd-analyze verify contrib/vmetted.service 2>&1) || { echo "$unit_check" >&2; exit 1; }
+if [ -n "$unit_check" ]; then echo "$unit_check" >&2; exit 1; fi
+
 say "cargo fmt --check"
 cargo fmt --all --check
 
