@@ -4,7 +4,8 @@
 # powers off at once, with the same machine, accelerator and kernel
 # arguments vmette uses. Prints both medians and their ratio (target <= 1.3),
 # then the exec round trip of `true` in a warm session (p50, p99) and the
-# write and read throughput of a file (RUNS x 10 MiB).
+# write and read throughput of a file (RUNS x 10 MiB), then the exec round
+# trip through the daemon and the daemon's memory.
 #
 #   scripts/bench.sh [RUNS]        (default 10 runs each, after 1 warm-up)
 #
@@ -61,3 +62,7 @@ PY
 # Warm-session figures through the library: the exec round trip (far
 # more runs than boots: each is milliseconds) and file throughput.
 cargo run --release --quiet -p vmette --example session_bench -- $(( runs * 20 )) $(( runs * 10 ))
+
+# The same exec round trip through vmetted's HTTP API, and the daemon's
+# resident memory with no session and with four idle ones.
+cargo run --release --quiet -p vmetted --example daemon_bench -- $(( runs * 20 ))
