@@ -16,8 +16,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
-use serde::{Deserialize, Serialize};
 use vmette::{Config, Exec, ExecSpec, PtySize};
+use vmette_api::{
+    Ended, ErrorBody, ErrorDetail, ExecInfo, ExecRequest, ResizeRequest, SessionInfo,
+    SessionRequest, SignalRequest, Status,
+};
 use vmette_manager::{Managed, Manager, ManagerError};
 
 use crate::events::{Events, Next};
@@ -85,19 +88,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            error: Inner<'a>,
-        }
-        #[derive(Serialize)]
-        struct Inner<'a> {
-            code: &'a str,
-            message: &'a str,
-        }
-        let body = Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message,
             },
         };
         (self.status, Json(body)).into_response()
@@ -261,20 +255,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-#[derive(Serialize)]
-struct StatusBody {
-    version: &'static str,
-    sessions: usize,
-    memory_mib: u64,
-    max_sessions: usize,
-    max_memory_mib: u64,
-    idle_timeout_s: Option<u64>,
-}
-
-async fn status(State(daemon): State<Arc<Daemon>>) -> Json<StatusBody> {
+async fn status(State(daemon): State<Arc<Daemon>>) -> Json<Status> {
     let status = daemon.manager.status();
-    Json(StatusBody {
-        version: env!("CARGO_PKG_VERSION"),
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
         sessions: status.sessions,
         memory_mib: status.memory_mib,
         max_sessions: status.limits.max_sessions,
@@ -283,32 +268,9 @@ async fn status(State(daemon): State<Arc<Daemon>>) -> Json<StatusBody> {
     })
 }
 
-/// A session to create: the machine settings of `vmette run`.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct SessionRequest {
-    name: Option<String>,
-    memory_mib: Option<u32>,
-    vcpus: Option<u8>,
-    scratch_mib: Option<u64>,
-    timeout_s: Option<u64>,
-    idle_timeout_s: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct SessionBody {
-    id: String,
-    name: Option<String>,
-    memory_mib: u32,
-    vcpus: u8,
-    created_unix: u64,
-    state: &'static str,
-    end_reason: Option<String>,
-}
-
-fn session_body(managed: &Managed) -> SessionBody {
+fn session_body(managed: &Managed) -> SessionInfo {
     let end = managed.session.end_reason();
-    SessionBody {
+    SessionInfo {
         id: managed.id.to_string(),
         name: managed.name.clone(),
         memory_mib: managed.memory_mib,
@@ -317,7 +279,7 @@ fn session_body(managed: &Managed) -> SessionBody {
             .created
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        state: if end.is_some() { "ended" } else { "running" },
+        state: if end.is_some() { "ended" } else { "running" }.into(),
         end_reason: end.map(|r| r.to_string()),
     }
 }
@@ -325,7 +287,7 @@ fn session_body(managed: &Managed) -> SessionBody {
 async fn create_session(
     State(daemon): State<Arc<Daemon>>,
     ApiBytes(body): ApiBytes,
-) -> ApiResult<(StatusCode, Json<SessionBody>)> {
+) -> ApiResult<(StatusCode, Json<SessionInfo>)> {
     // No body at all means every default.
     let request: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
         SessionRequest::default()
@@ -358,7 +320,7 @@ async fn create_session(
     Ok((StatusCode::CREATED, Json(session_body(&managed))))
 }
 
-async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionBody>> {
+async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionInfo>> {
     Json(
         daemon
             .manager
@@ -372,15 +334,9 @@ async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionBod
 async fn get_session(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<SessionBody>> {
+) -> ApiResult<Json<SessionInfo>> {
     let managed = daemon.manager.get(&id)?;
     Ok(Json(session_body(&managed)))
-}
-
-#[derive(Serialize)]
-struct Ended {
-    id: String,
-    end_reason: String,
 }
 
 async fn delete_session(
@@ -403,39 +359,14 @@ async fn delete_session(
     }))
 }
 
-/// A command to run in a session.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecRequest {
-    argv: Vec<String>,
-    #[serde(default)]
-    env: HashMap<String, String>,
-    workdir: Option<String>,
-    #[serde(default)]
-    stdin: bool,
-    #[serde(default)]
-    tty: bool,
-    rows: Option<u16>,
-    cols: Option<u16>,
-    timeout_ms: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct ExecBody {
-    id: u32,
-    session: String,
-}
-
 async fn create_exec(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
     ApiJson(request): ApiJson<ExecRequest>,
-) -> ApiResult<(StatusCode, Json<ExecBody>)> {
+) -> ApiResult<(StatusCode, Json<ExecInfo>)> {
     let managed = daemon.manager.get(&id)?;
     let mut spec = ExecSpec::new(request.argv);
-    let mut env: Vec<_> = request.env.into_iter().collect();
-    env.sort();
-    spec.env = env;
+    spec.env = request.env.into_iter().collect();
     spec.workdir = request.workdir;
     spec.stdin = request.stdin;
     spec.pty = request.tty.then(|| PtySize {
@@ -464,7 +395,7 @@ async fn create_exec(
     );
     Ok((
         StatusCode::CREATED,
-        Json(ExecBody {
+        Json(ExecInfo {
             id: exec_id,
             session,
         }),
@@ -507,7 +438,7 @@ async fn exec_events(
                 if let Some(event) = pending.pop() {
                     return Some((
                         Ok(sse_event(&event)),
-                        (events, after.max(event.seq), pending, false),
+                        (events, after.max(event.data.seq), pending, false),
                     ));
                 }
                 let arrived = events.arrived.notified();
@@ -528,9 +459,9 @@ async fn exec_events(
 }
 
 fn sse_event(event: &crate::events::Numbered) -> Event {
-    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
+    let data = serde_json::to_string(&event.data).unwrap_or_else(|_| "{}".into());
     Event::default()
-        .id(event.seq.to_string())
+        .id(event.data.seq.to_string())
         .event(event.kind)
         .data(data)
 }
@@ -554,12 +485,6 @@ async fn exec_stdin_close(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SignalRequest {
-    signal: i32,
-}
-
 async fn exec_signal(
     State(daemon): State<Arc<Daemon>>,
     Path((id, exec)): Path<(String, u32)>,
@@ -567,13 +492,6 @@ async fn exec_signal(
 ) -> ApiResult<StatusCode> {
     tracked(&daemon, &id, exec)?.exec.signal(request.signal)?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResizeRequest {
-    rows: u16,
-    cols: u16,
 }
 
 async fn exec_resize(

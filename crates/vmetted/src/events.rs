@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use base64::Engine as _;
-use serde::Serialize;
 use vmette::{Exec, ExecEvent, ExecStatus};
+use vmette_api::EventData;
 
 /// Most output bytes an exec's buffer holds before its pump waits.
 pub const BUFFER_BYTES: usize = 1 << 20;
@@ -22,35 +22,14 @@ pub const BUFFER_BYTES: usize = 1 << 20;
 /// How many delivered events are remembered, for gap reports.
 const DELIVERED_MEMORY: usize = 4096;
 
-/// One event as a client sees it.
-#[derive(Debug, Clone, Serialize)]
+/// One event, numbered.
+#[derive(Debug, Clone)]
 pub struct Numbered {
-    /// Its sequence number, the SSE id.
-    pub seq: u64,
     /// `stdout`, `stderr`, `pty`, `exit`, `failed` or `gap`.
-    #[serde(skip)]
     pub kind: &'static str,
-    /// Output bytes, base64.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    /// For `exit`: the shell's exit code.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// For `exit`: how it ended (`exited`, `signaled`, `timed_out`,
-    /// `session_ended`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// For `exit` after a signal: the signal.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i32>,
-    /// For `failed` and `session_ended`: one sentence.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// For `gap`: bytes of output this client missed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub missed_bytes: Option<u64>,
-    /// Output bytes in this event (for gap accounting).
-    #[serde(skip)]
+    /// What the client gets as the event's data; its `seq` is the SSE id.
+    pub data: EventData,
+    /// Output bytes in this event (for the buffer's bound and gaps).
     bytes: u64,
 }
 
@@ -133,7 +112,7 @@ impl Events {
 
     fn push(&self, mut event: Numbered) {
         let mut state = lock(&self.state);
-        event.seq = state.next_seq;
+        event.data.seq = state.next_seq;
         state.next_seq += 1;
         state.queued_bytes += event.bytes as usize;
         if matches!(event.kind, "exit" | "failed") {
@@ -149,7 +128,7 @@ impl Events {
     pub fn next(&self, after: u64) -> Next {
         let mut state = lock(&self.state);
         let mut out = Vec::new();
-        let first = state.queue.front().map_or(state.next_seq, |e| e.seq);
+        let first = state.queue.front().map_or(state.next_seq, |e| e.data.seq);
         if after + 1 < first {
             // Someone else took events this client has not seen.
             let missed: u64 = state
@@ -160,17 +139,21 @@ impl Events {
                 .sum();
             out.push(Numbered {
                 kind: "gap",
-                missed_bytes: Some(missed),
-                ..blank(first - 1)
+                data: EventData {
+                    seq: first - 1,
+                    missed_bytes: Some(missed),
+                    ..EventData::default()
+                },
+                bytes: 0,
             });
         }
         while let Some(event) = state.queue.pop_front() {
             state.queued_bytes -= event.bytes as usize;
-            state.delivered.push_back((event.seq, event.bytes));
+            state.delivered.push_back((event.data.seq, event.bytes));
             if state.delivered.len() > DELIVERED_MEMORY {
                 state.delivered.pop_front();
             }
-            if event.seq > after {
+            if event.data.seq > after {
                 out.push(event);
             }
         }
@@ -193,16 +176,10 @@ impl Events {
     }
 }
 
-fn blank(seq: u64) -> Numbered {
+fn event(kind: &'static str, data: EventData) -> Numbered {
     Numbered {
-        seq,
-        kind: "",
-        data: None,
-        exit_code: None,
-        reason: None,
-        signal: None,
-        message: None,
-        missed_bytes: None,
+        kind,
+        data,
         bytes: 0,
     }
 }
@@ -210,46 +187,44 @@ fn blank(seq: u64) -> Numbered {
 fn output(kind: &'static str, data: &[u8]) -> Numbered {
     Numbered {
         kind,
-        data: Some(base64::engine::general_purpose::STANDARD.encode(data)),
+        data: EventData {
+            data: Some(base64::engine::general_purpose::STANDARD.encode(data)),
+            ..EventData::default()
+        },
         bytes: data.len() as u64,
-        ..blank(0)
     }
 }
 
 fn exit(status: &ExecStatus) -> Numbered {
-    let code = Some(status.shell_code());
+    let ended = |reason: &str| EventData {
+        exit_code: Some(status.shell_code()),
+        reason: Some(reason.into()),
+        ..EventData::default()
+    };
     match status {
-        ExecStatus::Exited(_) => Numbered {
-            kind: "exit",
-            exit_code: code,
-            reason: Some("exited".into()),
-            ..blank(0)
-        },
-        ExecStatus::Signaled(signal) => Numbered {
-            kind: "exit",
-            exit_code: code,
-            reason: Some("signaled".into()),
-            signal: Some(*signal),
-            ..blank(0)
-        },
-        ExecStatus::TimedOut => Numbered {
-            kind: "exit",
-            exit_code: code,
-            reason: Some("timed_out".into()),
-            ..blank(0)
-        },
-        ExecStatus::SessionEnded(reason) => Numbered {
-            kind: "exit",
-            exit_code: code,
-            reason: Some("session_ended".into()),
-            message: Some(reason.to_string()),
-            ..blank(0)
-        },
-        ExecStatus::NotStarted { message, .. } => Numbered {
-            kind: "failed",
-            exit_code: code,
-            message: Some(message.clone()),
-            ..blank(0)
-        },
+        ExecStatus::Exited(_) => event("exit", ended("exited")),
+        ExecStatus::Signaled(signal) => event(
+            "exit",
+            EventData {
+                signal: Some(*signal),
+                ..ended("signaled")
+            },
+        ),
+        ExecStatus::TimedOut => event("exit", ended("timed_out")),
+        ExecStatus::SessionEnded(reason) => event(
+            "exit",
+            EventData {
+                message: Some(reason.to_string()),
+                ..ended("session_ended")
+            },
+        ),
+        ExecStatus::NotStarted { message, .. } => event(
+            "failed",
+            EventData {
+                exit_code: Some(status.shell_code()),
+                message: Some(message.clone()),
+                ..EventData::default()
+            },
+        ),
     }
 }

@@ -12,9 +12,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use vmette::{DirEntry, FileErrorKind, FileKind, FileStat};
+use vmette_api::{Entry, Listing, Moved, Stat};
 use vmette_manager::Managed;
 
 use crate::api::{blocking, ApiError, ApiResult, Daemon};
@@ -154,11 +155,6 @@ fn session(daemon: &Daemon, id: &str) -> ApiResult<Arc<Managed>> {
     Ok(daemon.manager.get(id)?)
 }
 
-#[derive(Serialize)]
-pub struct Moved {
-    bytes: u64,
-}
-
 /// `PUT /v1/sessions/{id}/files?path=…&mode=…`: the body becomes the file.
 pub async fn put_file(
     State(daemon): State<Arc<Daemon>>,
@@ -246,22 +242,15 @@ pub async fn get_tree(
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
 }
 
-#[derive(Serialize)]
-pub struct StatBody {
-    kind: &'static str,
-    size: u64,
-    mode: String,
-    modified_unix: i64,
-}
-
-fn stat_body(stat: &FileStat) -> StatBody {
-    StatBody {
+fn stat_body(stat: &FileStat) -> Stat {
+    Stat {
         kind: match stat.kind {
             FileKind::File => "file",
             FileKind::Directory => "directory",
             FileKind::Symlink => "symlink",
             FileKind::Other => "other",
-        },
+        }
+        .into(),
         size: stat.size,
         mode: format!("{:o}", stat.mode),
         modified_unix: stat.modified,
@@ -273,24 +262,11 @@ pub async fn stat(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
     q: Query_,
-) -> ApiResult<Json<StatBody>> {
+) -> ApiResult<Json<Stat>> {
     let q = query(q)?;
     let managed = session(&daemon, &id)?;
     let stat = blocking(move || Ok(managed.session.stat(&q.path)?)).await?;
     Ok(Json(stat_body(&stat)))
-}
-
-#[derive(Serialize)]
-pub struct EntryBody {
-    name: String,
-    #[serde(flatten)]
-    stat: StatBody,
-}
-
-#[derive(Serialize)]
-pub struct Listing {
-    entries: Vec<EntryBody>,
-    truncated: bool,
 }
 
 /// `GET /v1/sessions/{id}/files/list?path=…`.
@@ -306,7 +282,7 @@ pub async fn list(
     Ok(Json(Listing {
         entries: entries
             .iter()
-            .map(|e| EntryBody {
+            .map(|e| Entry {
                 name: e.name.clone(),
                 stat: stat_body(&e.stat),
             })

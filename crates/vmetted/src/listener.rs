@@ -24,18 +24,9 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a client may take to send a request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The socket file's name in the socket directory.
-pub const SOCKET_NAME: &str = "vmetted.sock";
-
-/// The directory the daemon serves from: `$XDG_RUNTIME_DIR/vmette`, else
-/// `vmette/run` under the cache directory.
+/// The directory the daemon serves from ([`vmette_api::socket_dir`]).
 pub fn default_dir() -> anyhow::Result<PathBuf> {
-    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(runtime).join("vmette"));
-    }
-    let cache =
-        vmette::assets::Cache::locate().context("cannot find a directory for the socket")?;
-    Ok(cache.root().join("run"))
+    vmette_api::socket_dir().context("cannot find a directory for the socket")
 }
 
 /// A bound, locked socket directory. Dropping it removes the socket; the
@@ -76,7 +67,7 @@ pub fn bind(dir: &Path) -> anyhow::Result<Bound> {
             .with_context(|| format!("cannot make {} private", dir.display()))?;
     }
 
-    let lock_path = dir.join("vmetted.lock");
+    let lock_path = dir.join(vmette_api::LOCK_NAME);
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -93,7 +84,7 @@ pub fn bind(dir: &Path) -> anyhow::Result<Bound> {
     }
 
     // Holding the lock, any socket here is a dead daemon's.
-    let socket = dir.join(SOCKET_NAME);
+    let socket = dir.join(vmette_api::SOCKET_NAME);
     match fs::remove_file(&socket) {
         Ok(()) => tracing::info!("replaced a stale socket"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

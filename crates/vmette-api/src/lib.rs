@@ -1,0 +1,235 @@
+//! The types of `vmetted`'s HTTP API (`docs/api.md`), and where its socket
+//! lives: one definition for the daemon that serves them and the clients
+//! (the `vmette` CLI) that call them, so the two cannot drift apart.
+//!
+//! Requests refuse unknown fields, so a misspelt setting is an error
+//! rather than silently ignored.
+
+#![warn(missing_docs)]
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The socket file's name in the socket directory.
+pub const SOCKET_NAME: &str = "vmetted.sock";
+
+/// The daemon's lock file in the socket directory.
+pub const LOCK_NAME: &str = "vmetted.lock";
+
+/// The directory the daemon serves from: `$XDG_RUNTIME_DIR/vmette`, else
+/// `run` under the vmette cache directory.
+pub fn socket_dir() -> Result<PathBuf, vmette_assets::AssetError> {
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(runtime).join("vmette"));
+    }
+    Ok(vmette_assets::Cache::locate()?.root().join("run"))
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's version.
+    pub version: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Live sessions.
+    pub sessions: usize,
+    /// Guest memory they hold, MiB.
+    pub memory_mib: u64,
+    /// Most live sessions.
+    pub max_sessions: usize,
+    /// Most guest memory, MiB.
+    pub max_memory_mib: u64,
+    /// Default idle eviction, seconds.
+    pub idle_timeout_s: Option<u64>,
+}
+
+/// `POST /v1/sessions`: every field optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    /// A unique name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Guest memory, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Virtual CPUs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u8>,
+    /// An ephemeral ext4 disk for the root's writes, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scratch_mib: Option<u64>,
+    /// End the session after this long.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// End it after this long without an exec.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+}
+
+/// A session, as created, listed and described.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: Option<String>,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub vcpus: u8,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+    /// `running` or `ended`.
+    pub state: String,
+    /// Why it ended, once it has.
+    pub end_reason: Option<String>,
+}
+
+/// `DELETE /v1/sessions/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ended {
+    /// The session's id.
+    pub id: String,
+    /// Why it ended.
+    pub end_reason: String,
+}
+
+/// `POST /v1/sessions/{id}/execs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Open a stdin to write to.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Run on a PTY.
+    #[serde(default)]
+    pub tty: bool,
+    /// The PTY's rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+    /// The PTY's columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    /// Kill the command after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// A started exec.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecInfo {
+    /// Its id within the session.
+    pub id: u32,
+    /// The session's id.
+    pub session: String,
+}
+
+/// `POST …/signal`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// 1 to 31.
+    pub signal: i32,
+}
+
+/// `POST …/resize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// The data of one exec event; which fields are set depends on the event's
+/// kind (`stdout`, `stderr`, `pty`, `exit`, `failed`, `gap`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventData {
+    /// The event's sequence number, also its SSE id.
+    pub seq: u64,
+    /// Output bytes, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// For `exit` and `failed`: the shell's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// For `exit`: `exited`, `signaled`, `timed_out` or `session_ended`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For `exit` after a signal: the signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// For `failed` and `session_ended`: one sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// For `gap`: output bytes this client missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed_bytes: Option<u64>,
+}
+
+/// A path's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stat {
+    /// `file`, `directory`, `symlink` or `other`.
+    pub kind: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits, octal.
+    pub mode: String,
+    /// Modification time, seconds since the epoch.
+    pub modified_unix: i64,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    /// Its name.
+    pub name: String,
+    /// Its metadata.
+    #[serde(flatten)]
+    pub stat: Stat,
+}
+
+/// `GET …/files/list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listing {
+    /// Entries, sorted by name.
+    pub entries: Vec<Entry>,
+    /// The directory has more.
+    pub truncated: bool,
+}
+
+/// A finished transfer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Moved {
+    /// Bytes moved.
+    pub bytes: u64,
+}
+
+/// Every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable code (`not_found`, `limit_reached`, …).
+    pub code: String,
+    /// One sentence.
+    pub message: String,
+}
