@@ -33,6 +33,36 @@ Examples:
 
 Exits with the shell's own status.";
 
+const CREATE_EXAMPLES: &str = "\
+Examples:
+  vmette create --name work
+  id=$(vmette create --memory 1G | tail -n 1)
+  vmette create --name ci --timeout 1h --idle-timeout 10m
+
+The sandbox lives until `vmette stop`, its --timeout, or --idle-timeout
+with no exec (the daemon's default is 30 minutes).";
+
+const EXEC_EXAMPLES: &str = "\
+Examples:
+  vmette exec work -- uname -a
+  vmette exec -e KEY=value -w /tmp work -- sh -c 'echo $KEY > f'
+  echo hi | vmette exec work -- cat
+  vmette exec -it work -- bash
+
+Stdin follows the rule of `vmette run`: forwarded when it is not a
+terminal; the terminal itself with -t (a PTY in the guest, raw mode here);
+a terminal without a PTY with -i. Exits with the command's own status.";
+
+const CP_EXAMPLES: &str = "\
+Examples:
+  vmette cp ./report.pdf work:/tmp/report.pdf
+  vmette cp ./src work:/src          # a directory's contents into /src
+  vmette cp work:/var/log/app.log .
+  vmette cp work:/out ./out          # a guest directory into ./out
+
+A guest side is ID:/PATH (an absolute path). A file copied to an existing
+directory lands in it under its own name.";
+
 const EXAMPLES: &str = "\
 Examples:
   vmette run -- uname -a
@@ -63,6 +93,30 @@ pub enum Command {
     /// image's shell, or with the command given.
     #[command(after_help = SHELL_EXAMPLES)]
     Shell(Box<RunArgs>),
+    /// Start a sandbox that stays up, served by the vmetted daemon
+    /// (started on demand); prints its id.
+    #[command(after_help = CREATE_EXAMPLES)]
+    Create(CreateArgs),
+    /// Run a command in a sandbox made by `vmette create`.
+    #[command(after_help = EXEC_EXAMPLES)]
+    Exec(ExecArgs),
+    /// Copy files or directories between the host and a sandbox.
+    #[command(after_help = CP_EXAMPLES)]
+    Cp(CpArgs),
+    /// List the daemon's sandboxes.
+    #[command(after_help = "Examples:\n  vmette ps\n  vmette ps --json")]
+    Ps(JsonArgs),
+    /// Stop sandboxes (their guests power off cleanly).
+    #[command(
+        after_help = "Examples:\n  vmette stop work\n  vmette stop vm-0123456789abcdef other"
+    )]
+    Stop(StopArgs),
+    /// The vmetted daemon: its status, or stop it (with all its sandboxes).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  vmette daemon status --json\n  vmette daemon stop"
+    )]
+    Daemon(DaemonCommand),
     /// Fetch the kernel and build the initramfs and default image now.
     #[command(after_help = "Examples:\n  vmette setup\n  vmette setup --rebuild-image")]
     Setup(SetupArgs),
@@ -137,6 +191,73 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// A unique name to use instead of the id.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Guest memory (MiB, or with a unit: 512M, 1G).
+    #[arg(long, default_value = "512M", value_name = "SIZE")]
+    pub memory: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Keep the root's writes on an ephemeral ext4 disk of this size.
+    #[arg(long, value_name = "SIZE")]
+    pub scratch: Option<String>,
+    /// End the sandbox after this long.
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// End the sandbox after this long with no exec.
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Give the command a terminal: a PTY in the guest, this terminal in raw mode.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Forward stdin even when it is a terminal (without -t: no PTY).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Set an environment variable for the command. Repeatable.
+    #[arg(short, long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory of the command in the guest.
+    #[arg(short, long, value_name = "GUEST_PATH")]
+    pub workdir: Option<String>,
+    /// The sandbox's id or name.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: a host path, or ID:/PATH in a sandbox.
+    pub source: String,
+    /// Where to: ID:/PATH in a sandbox, or a host path.
+    pub destination: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The sandboxes' ids or names.
+    #[arg(required = true, value_name = "ID")]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Whether it runs, its sandboxes and limits.
+    Status(JsonArgs),
+    /// Stop it; its sandboxes power off first.
+    Stop,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

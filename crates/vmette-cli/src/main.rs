@@ -7,12 +7,14 @@
 
 mod args;
 mod cache;
+mod client;
 mod doctor;
 mod progress;
 mod run;
 mod setup;
 mod terminal;
 mod values;
+mod verbs;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,12 @@ fn main() -> ExitCode {
             }
             run::run(*args, cli.quiet, cli.verbose)
         }
+        args::Command::Create(args) => verbs::create(args),
+        args::Command::Exec(args) => verbs::exec(args),
+        args::Command::Cp(args) => verbs::cp(args),
+        args::Command::Ps(args) => verbs::ps(args.json),
+        args::Command::Stop(args) => verbs::stop(args),
+        args::Command::Daemon(command) => verbs::daemon(command),
         args::Command::Setup(args) => setup::setup(&args, cli.quiet),
         args::Command::Cache(command) => cache::cache(command),
         args::Command::Doctor(args) => doctor::doctor(args.json),

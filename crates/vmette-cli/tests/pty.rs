@@ -101,15 +101,32 @@ fn prompts(screen: &str) -> usize {
 /// A script for the pane: the host terminal's settings before and after
 /// `vmette shell`, and its exit status.
 fn pane_script(sandbox: &Sandbox, files: &Path) -> std::path::PathBuf {
+    script_around(sandbox, files, "", "VMETTE shell", "")
+}
+
+/// A pane script that records the terminal's settings around `main` (with
+/// `VMETTE` standing for the binary, run with the sandbox's TMPDIR) and its
+/// exit status; `before` and `after` run around all that.
+fn script_around(
+    sandbox: &Sandbox,
+    files: &Path,
+    before: &str,
+    main: &str,
+    after: &str,
+) -> std::path::PathBuf {
     let script = files.join("pane.sh");
-    let vmette = support::vmette_bin();
+    let vmette = format!(
+        "TMPDIR={} XDG_RUNTIME_DIR={}/run {}",
+        sandbox.path().display(),
+        files.display(),
+        support::vmette_bin().display()
+    );
+    let [before, main, after] = [before, main, after].map(|line| line.replace("VMETTE", &vmette));
     std::fs::write(
         &script,
         format!(
-            "stty -g > {files}/before\nTMPDIR={tmp} {vmette} shell\necho $? > {files}/status\nstty -g > {files}/after\necho PANE-DONE\nsleep 600\n",
+            "{before}\nstty -g > {files}/before\n{main}\necho $? > {files}/status\nstty -g > {files}/after\n{after}\necho PANE-DONE\nsleep 600\n",
             files = files.display(),
-            tmp = sandbox.path().display(),
-            vmette = vmette.display(),
         ),
     )
     .expect("write the pane script");
@@ -163,6 +180,45 @@ fn an_interactive_shell_behaves_like_one() {
     assert!(!before.is_empty());
     assert_eq!(
         before,
+        read(&files.path().join("after")),
+        "the host terminal's settings changed"
+    );
+    drop(tmux);
+    sandbox.assert_clean();
+}
+
+#[test]
+fn exec_it_through_the_daemon_behaves_like_a_shell() {
+    let sandbox = Sandbox::new();
+    let files = sandbox.files();
+    let script = script_around(
+        &sandbox,
+        files.path(),
+        "VMETTE create --name pty > /dev/null",
+        "VMETTE exec -it pty -- bash -l",
+        "VMETTE daemon stop",
+    );
+    let tmux = Tmux::start(&script);
+    let step = Duration::from_secs(30);
+
+    tmux.wait_for(|s| prompts(s) == 1, Duration::from_secs(120));
+    tmux.keys(&["echo $((6*7))", "Enter"]);
+    let screen = tmux.wait_for(|s| prompts(s) == 2, step);
+    assert!(screen.lines().any(|l| l == "42"), "{screen}");
+    tmux.ok(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.keys(&["stty size", "Enter"]);
+    let screen = tmux.wait_for(|s| prompts(s) == 3, step);
+    assert!(screen.lines().any(|l| l == "40 120"), "{screen}");
+    tmux.keys(&["sleep 100", "Enter"]);
+    std::thread::sleep(Duration::from_secs(1));
+    tmux.keys(&["C-c"]);
+    tmux.wait_for(|s| prompts(s) == 4, step);
+    tmux.keys(&["exit 3", "Enter"]);
+    tmux.wait_for(|s| s.contains("PANE-DONE"), Duration::from_secs(60));
+    assert_eq!(read(&files.path().join("status")).trim(), "3");
+    assert_eq!(
+        read(&files.path().join("before")),
         read(&files.path().join("after")),
         "the host terminal's settings changed"
     );
