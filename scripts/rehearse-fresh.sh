@@ -6,7 +6,8 @@
 #
 # What it undoes: the Debian packages set-up installed that a fresh machine
 # does not have (scripts/fresh-packages.txt lists what it has; those stay),
-# and the dependencies they pulled in; set-up's bookworm-backports source;
+# and the dependencies they pulled in; the Python packages set-up installed;
+# set-up's bookworm-backports source;
 # what set-up put under /usr/local and ~/.local; the Rust targets set-up and
 # the tests add; vmette's cache; the tests' unprivileged user.
 #
@@ -76,6 +77,10 @@ remove_setup_files() {
             rustup target remove "$target" >/dev/null 2>&1
         fi
     done
+    # Set-up's Python test client and what it pulled in beyond a fresh
+    # machine's packages (certifi, idna, sniffio and typing_extensions are
+    # on one already).
+    python3 -m pip uninstall --quiet --yes httpx httpx-sse httpcore h11 anyio 2>/dev/null || true
     rm -rf "${XDG_CACHE_HOME:-$HOME/.cache}/vmette"
     if id -u vmette-e2e >/dev/null 2>&1; then userdel -r vmette-e2e 2>/dev/null || true; fi
 }

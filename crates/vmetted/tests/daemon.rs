@@ -689,3 +689,86 @@ fn files_and_trees_over_the_socket() {
     let (out, _, code) = daemon.run("f", r#"{"argv":["cat","/srv/tree/d1/f1"]}"#);
     assert_eq!((out, code), (b"file 1\nfile 1\n".to_vec(), 0));
 }
+
+#[test]
+fn a_python_client_with_httpx_works() {
+    let daemon = Daemon::start(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/client.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(daemon.socket())
+        .output()
+        .expect("python3 (httpx and httpx-sse come from setup.sh --with-test-tools)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("python client: ok"));
+}
+
+/// The `curl` commands of `docs/api.md`, in order, continuation lines
+/// joined: every line of an `sh` block that runs curl.
+fn documented_commands() -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.md"))
+        .expect("docs/api.md");
+    let (mut commands, mut in_sh, mut pending) = (Vec::new(), false, String::new());
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        if !in_sh {
+            continue;
+        }
+        let line = line.trim();
+        if let Some(start) = line.strip_suffix('\\') {
+            pending.push_str(start);
+            continue;
+        }
+        pending.push_str(line);
+        if pending.contains("curl ") {
+            commands.push(std::mem::take(&mut pending));
+        }
+        pending.clear();
+    }
+    commands
+}
+
+#[test]
+fn every_curl_example_in_the_api_doc_works() {
+    let daemon = Daemon::start(&[]);
+    let work = tempfile::tempdir().expect("tmp");
+    std::fs::write(work.path().join("input.txt"), "one\ntwo\nthree\n").expect("write");
+    std::fs::write(work.path().join("report.pdf"), b"%PDF-1.4 not really\n").expect("write");
+    std::fs::create_dir_all(work.path().join("src/lib")).expect("mkdir");
+    std::fs::write(work.path().join("src/lib/main.rs"), "fn main() {}\n").expect("write");
+    std::fs::create_dir(work.path().join("back")).expect("mkdir");
+    let commands = documented_commands();
+    assert!(
+        commands.len() >= 15,
+        "only {} curl examples found",
+        commands.len()
+    );
+    for command in &commands {
+        // -f: an HTTP error is a failed example.
+        let checked = command.replace("curl ", "curl -sSf ");
+        let output = Command::new("bash")
+            .args(["-o", "pipefail", "-c", &checked])
+            .env("S", daemon.socket())
+            .current_dir(work.path())
+            .output()
+            .expect("bash");
+        assert!(
+            output.status.success(),
+            "{command}\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("back/lib/main.rs")).expect("unpacked"),
+        "fn main() {}\n"
+    );
+}
