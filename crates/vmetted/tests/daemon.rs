@@ -461,10 +461,14 @@ fn other_users_are_refused_before_any_response() {
         .status()
         .expect("chown");
     assert!(chown.success());
-    // vmetted only serves; no session is created, so it needs no VM assets.
+    // A copy the other user can execute wherever the build lives (a
+    // checkout in a private directory, say). It only serves; no session is
+    // created, so it needs no VM assets.
+    let vmetted = base.path().join("vmetted");
+    std::fs::copy(VMETTED, &vmetted).expect("copy vmetted");
     let mut child = Command::new("runuser")
         .args(["-u", OWNER, "--"])
-        .arg(VMETTED)
+        .arg(&vmetted)
         .arg("--socket-dir")
         .arg(dir.join("d"))
         .stdin(Stdio::null())
