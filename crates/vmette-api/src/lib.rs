@@ -26,6 +26,22 @@ pub fn socket_dir() -> Result<PathBuf, vmette_assets::AssetError> {
     Ok(vmette_assets::Cache::locate()?.root().join("run"))
 }
 
+/// Where paused sessions will be kept (`$XDG_DATA_HOME/vmette/paused`, else
+/// `~/.local/share/vmette/paused`). The daemon creates it and never cleans
+/// it: unlike sockets, locks and run directories, what is in it outlives a
+/// daemon on purpose.
+pub fn state_dir() -> Option<PathBuf> {
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".local/share"))
+        })?;
+    Some(data.join("vmette").join("paused"))
+}
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {

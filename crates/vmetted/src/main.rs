@@ -106,6 +106,17 @@ fn serve(args: Args) -> anyhow::Result<()> {
     };
     let engine = vmette::default_engine()?;
     let daemon = api::Daemon::new(Manager::new(engine, limits));
+    // Made now, filled by pause and resume later; a restart never clears it.
+    if let Some(state) = vmette_api::state_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state)
+        {
+            tracing::warn!("cannot create the state directory {}: {e}", state.display());
+        }
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

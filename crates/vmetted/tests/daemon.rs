@@ -776,3 +776,63 @@ fn every_curl_example_in_the_api_doc_works() {
         "fn main() {}\n"
     );
 }
+
+#[test]
+fn the_memory_budget_holds_and_idle_sessions_are_evicted() {
+    let daemon = Daemon::start(&["--max-memory", "700", "--idle-timeout", "3s"]);
+    let (code, first) = daemon.call("POST", "/v1/sessions", Some(r#"{"memory_mib":512}"#));
+    assert_eq!(code, 201, "{first}");
+    let (code, refused) = daemon.call("POST", "/v1/sessions", Some(r#"{"memory_mib":512}"#));
+    assert_eq!(code, 429, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MiB"),
+        "{refused}"
+    );
+    // Idle for the timeout, then swept: gone, and its memory free again.
+    let id = first["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, _) = daemon.call("GET", &format!("/v1/sessions/{id}"), None);
+        if code == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle session was not evicted"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (_, status) = daemon.call("GET", "/v1/status", None);
+    assert_eq!(status["memory_mib"].as_u64(), Some(0), "{status}");
+}
+
+#[test]
+fn malformed_http_gets_a_4xx_and_harms_no_one() {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start(&[]);
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET /v1/status HTTP/9.9\r\n\r\n",
+        b"\x00\x01\x02\x03\r\n\r\n",
+        b"POST /v1/sessions HTTP/1.1\r\nHost: v\r\nContent-Length: -5\r\n\r\n",
+    ] {
+        let mut stream = std::os::unix::net::UnixStream::connect(daemon.socket()).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(garbage).expect("write");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{:?} got {answer}",
+            String::from_utf8_lossy(garbage)
+        );
+    }
+    let (code, status) = daemon.call("GET", "/v1/status", None);
+    assert_eq!(code, 200, "{status}");
+}
