@@ -218,15 +218,18 @@ impl Client {
                 return Err(api_error(status, &bytes));
             }
             let mut body = BodyStream::new(response.into_body());
-            let mut text = String::new();
+            // Bytes, not text, until a whole event is in: a character may
+            // be split between chunks.
+            let mut pending: Vec<u8> = Vec::new();
             while let Some(frame) = body.next().await {
                 let frame = frame.context("the event stream broke off")?;
                 let Some(chunk) = frame.data_ref() else {
                     continue;
                 };
-                text.push_str(&String::from_utf8_lossy(chunk));
-                while let Some(end) = text.find("\n\n") {
-                    let block: String = text.drain(..end + 2).collect();
+                pending.extend_from_slice(chunk);
+                while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                    let raw: Vec<u8> = pending.drain(..end + 2).collect();
+                    let block = String::from_utf8_lossy(&raw);
                     let (mut kind, mut data) = ("", None);
                     for line in block.lines() {
                         if let Some(v) = line.strip_prefix("event: ") {

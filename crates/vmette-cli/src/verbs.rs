@@ -154,6 +154,16 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     ))
 }
 
+/// Whether `pid` is a `vmetted` process of this user.
+fn is_our_vmetted(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let named = std::fs::read_to_string(proc_dir.join("comm")).is_ok_and(|c| c.trim() == "vmetted");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    named && std::fs::metadata(&proc_dir).is_ok_and(|m| m.uid() == uid)
+}
+
 fn write_out(out: &mut dyn Write, data: &[u8]) {
     // A reader that went away (`| head -1`) must not fail the exec.
     if out.write_all(data).and_then(|()| out.flush()).is_err() {
@@ -297,8 +307,10 @@ fn copy_out(client: &Client, id: &str, source: &str, destination: &Path) -> anyh
         let unpacked = unpacker
             .join()
             .map_err(|_| anyhow::anyhow!("the unpacker failed"))?;
-        fetched?;
+        // A refused member stops the unpacker and so breaks the download:
+        // the unpacker's reason is the real one.
         unpacked.with_context(|| format!("cannot unpack into {}", destination.display()))?;
+        fetched?;
         return Ok(());
     }
     let name = Path::new(source)
@@ -310,10 +322,21 @@ fn copy_out(client: &Client, id: &str, source: &str, destination: &Path) -> anyh
     } else {
         destination.to_path_buf()
     };
-    let mut file = std::fs::File::create(&target)
-        .with_context(|| format!("cannot create {}", target.display()))?;
+    // Into a new file beside the target, renamed over it only once whole,
+    // so that a failed copy leaves an existing file as it was.
+    let dir = target
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut partial = tempfile::Builder::new()
+        .prefix(".vmette-cp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
     let url = format!("/v1/sessions/{seg}/files?path={}", query(source));
-    client.download(&url, &mut file)?;
+    client.download(&url, partial.as_file_mut())?;
+    partial
+        .persist(&target)
+        .with_context(|| format!("cannot create {}", target.display()))?;
     Ok(())
 }
 
@@ -392,19 +415,28 @@ pub fn daemon(command: DaemonCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             };
             let status: vmette_api::Status = client.json("GET", "/v1/status", None::<&()>)?;
-            // SAFETY: kill has no memory-safety preconditions; the pid is
-            // the daemon's own report, and only our user's daemon answers.
-            if unsafe { libc::kill(status.pid as i32, libc::SIGTERM) } != 0 {
+            // Only a plain pid of a vmetted of ours is signalled, never a
+            // group or everything (0, -1), whatever the answer said.
+            let pid = i32::try_from(status.pid).ok().filter(|pid| *pid > 1);
+            let Some(pid) = pid.filter(|pid| is_our_vmetted(*pid)) else {
                 bail!(
-                    "cannot stop vmetted (pid {}): {}",
-                    status.pid,
+                    "vmetted reported pid {}, which is not a vmetted of this user",
+                    status.pid
+                );
+            };
+            // SAFETY: kill has no memory-safety preconditions.
+            if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+                bail!(
+                    "cannot stop vmetted (pid {pid}): {}",
                     std::io::Error::last_os_error()
                 );
             }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while Client::connect(false).is_ok() {
+            // Gone means its sessions are down too: it stops them first.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+            // SAFETY: signal 0 only asks whether the pid exists.
+            while unsafe { libc::kill(pid, 0) } == 0 {
                 if std::time::Instant::now() >= deadline {
-                    bail!("vmetted (pid {}) did not stop within a minute", status.pid);
+                    bail!("vmetted (pid {pid}) did not stop within 90 s");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }

@@ -274,6 +274,17 @@ fn read_loop(mut reader: UnixStream, events: &SyncSender<Event>) {
     }
 }
 
+/// What [`StdinWindow::reserve`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reserved {
+    /// Room for the bytes.
+    Granted,
+    /// The exec ended.
+    Closed,
+    /// The deadline passed first.
+    TimedOut,
+}
+
 /// Counts stdin bytes sent but not yet acknowledged, so that at most
 /// [`STDIN_WINDOW`] are in flight.
 #[derive(Default)]
@@ -289,20 +300,32 @@ struct WindowState {
 }
 
 impl StdinWindow {
-    /// Waits for room for `bytes`; `false` once the window is closed.
-    pub(crate) fn reserve(&self, bytes: usize) -> bool {
+    /// Waits for room for `bytes`, until `deadline` if there is one.
+    pub(crate) fn reserve(&self, bytes: usize, deadline: Option<Instant>) -> Reserved {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while !state.closed && state.in_flight + bytes > STDIN_WINDOW {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+            state = match deadline {
+                None => self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Reserved::TimedOut;
+                    }
+                    self.changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
         }
         if state.closed {
-            return false;
+            return Reserved::Closed;
         }
         state.in_flight += bytes;
-        true
+        Reserved::Granted
     }
 
     /// The guest acknowledged `bytes`; `false` when it acknowledges more

@@ -54,6 +54,9 @@ pub enum Error {
     /// nothing was written outside the target directory.
     #[error("cannot unpack the tree copied out of the guest")]
     Unpack(#[source] crate::tree::UnpackError),
+    /// The command left its stdin unread for this long; what fitted was sent.
+    #[error("the command did not read its stdin within {0:?}")]
+    StdinFull(std::time::Duration),
     /// The session ended, so it can run nothing more.
     #[error("the session has ended: {0}")]
     SessionEnded(crate::EndReason),
@@ -85,6 +88,7 @@ impl Error {
             | Error::SessionEnded(_)
             | Error::File { .. }
             | Error::Unpack(_) => false,
+            Error::StdinFull(_) => true,
             Error::StartFailed(_)
             | Error::BootFailed { .. }
             | Error::Channel(_)

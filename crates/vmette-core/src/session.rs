@@ -25,7 +25,7 @@ use vmette_proto::{
     MAX_CHUNK_LEN, OUTPUT_WINDOW, PROTOCOL_VERSION,
 };
 
-use crate::control::{self, ControlSender, Event, StdinWindow};
+use crate::control::{self, ControlSender, Event, Reserved, StdinWindow};
 use crate::engine::Vm;
 use crate::process::Watchdog;
 use crate::{boot, Config, Engine, Error};
@@ -913,11 +913,22 @@ impl Capture {
 impl ExecStdin {
     /// Writes all of `data`, in chunks, each once the guest has room.
     pub fn write_all(&self, data: &[u8]) -> Result<(), Error> {
+        self.write_all_within(data, None)
+    }
+
+    /// Writes all of `data` unless the command leaves its stdin unread for
+    /// `patience`: then [`Error::StdinFull`], with what fitted sent.
+    pub fn write_all_within(&self, data: &[u8], patience: Option<Duration>) -> Result<(), Error> {
         for chunk in data.chunks(MAX_CHUNK_LEN) {
-            if !self.window.reserve(chunk.len()) {
-                return Err(Error::Channel(vmette_proto::FrameError::Io(
-                    io::ErrorKind::BrokenPipe.into(),
-                )));
+            let deadline = patience.and_then(|p| Instant::now().checked_add(p));
+            match self.window.reserve(chunk.len(), deadline) {
+                Reserved::Granted => {}
+                Reserved::Closed => {
+                    return Err(Error::Channel(vmette_proto::FrameError::Io(
+                        io::ErrorKind::BrokenPipe.into(),
+                    )))
+                }
+                Reserved::TimedOut => return Err(Error::StdinFull(patience.unwrap_or_default())),
             }
             self.sender.send(HostMessage::Stdin {
                 id: self.id,

@@ -36,6 +36,13 @@ pub const MAX_STDIN_BODY: usize = 1 << 20;
 /// all delivered are forgotten first).
 const MAX_EXECS_PER_SESSION: usize = 256;
 
+/// Largest scratch disk a session may ask for, MiB: it is a sparse file
+/// on the host that the guest can fill.
+const MAX_SCRATCH_MIB: u64 = 64 * 1024;
+
+/// How long one stdin request may wait for the command to read.
+const STDIN_PATIENCE: Duration = Duration::from_secs(30);
+
 /// What the handlers share.
 pub struct Daemon {
     pub(crate) manager: Manager,
@@ -45,6 +52,9 @@ pub struct Daemon {
 struct Tracked {
     exec: Arc<Exec>,
     events: Arc<Events>,
+    /// One stdin request at a time: a second would interleave its chunks
+    /// with the first, and each waiting request holds a blocking thread.
+    stdin: Mutex<()>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -61,7 +71,34 @@ impl Daemon {
 
     /// Forgets the execs of sessions that are gone.
     pub fn forget_sessions(&self, gone: &[String]) {
-        lock(&self.execs).retain(|(session, _), _| !gone.contains(session));
+        self.forget_where(|session| gone.iter().any(|g| g == session));
+    }
+
+    /// Forgets the execs of every session the manager no longer has
+    /// (however it went: deleted, timed out, or a delete whose client
+    /// hung up), stopping their pumps.
+    pub fn forget_dead(&self) {
+        let live: Vec<String> = self
+            .manager
+            .list()
+            .iter()
+            .map(|m| m.id.to_string())
+            .collect();
+        self.forget_where(|session| !live.iter().any(|l| l == session));
+    }
+
+    fn forget_where(&self, gone: impl Fn(&str) -> bool) {
+        let mut forgotten = Vec::new();
+        lock(&self.execs).retain(|(session, _), tracked| {
+            let keep = !gone(session);
+            if !keep {
+                forgotten.push(Arc::clone(tracked));
+            }
+            keep
+        });
+        for tracked in forgotten {
+            tracked.events.close();
+        }
     }
 }
 
@@ -127,6 +164,9 @@ impl From<vmette::Error> for ApiError {
             vmette::Error::SessionEnded(_) => {
                 ApiError::new(StatusCode::GONE, "session_ended", message)
             }
+            vmette::Error::StdinFull(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stdin_full", message)
+            }
             vmette::Error::File { kind, .. } => {
                 let code = match kind {
                     vmette::FileErrorKind::NotFound => "not_found",
@@ -170,6 +210,30 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(ApiError::new(
+                rejection.status(),
+                "bad_request",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// Path parameters whose rejections (an exec id that is no number) are API
+/// errors too.
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S>
+    for ApiPath<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
             Err(rejection) => Err(ApiError::new(
                 rejection.status(),
                 "bad_request",
@@ -251,6 +315,13 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
                 "no such route; see docs/api.md",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; see docs/api.md",
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(daemon)
 }
@@ -307,6 +378,13 @@ async fn create_session(
     if let Some(vcpus) = request.vcpus {
         config.vcpus = vcpus;
     }
+    if request.scratch_mib.is_some_and(|mib| mib > MAX_SCRATCH_MIB) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("a scratch disk may have at most {MAX_SCRATCH_MIB} MiB"),
+        ));
+    }
     config.scratch_mib = request.scratch_mib;
     config.timeout = request.timeout_s.map(Duration::from_secs);
     config.idle_timeout = request.idle_timeout_s.map(Duration::from_secs);
@@ -333,7 +411,7 @@ async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionInf
 
 async fn get_session(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<SessionInfo>> {
     let managed = daemon.manager.get(&id)?;
     Ok(Json(session_body(&managed)))
@@ -341,7 +419,7 @@ async fn get_session(
 
 async fn delete_session(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Ended>> {
     let managed = daemon.manager.get(&id)?;
     let key = managed.id.to_string();
@@ -349,10 +427,15 @@ async fn delete_session(
     let reason = blocking({
         let daemon = Arc::clone(&daemon);
         let key = key.clone();
-        move || daemon.manager.remove(&key).map_err(ApiError::from)
+        // Forgotten here, on the blocking thread, even if the client
+        // hangs up before the answer.
+        move || {
+            let removed = daemon.manager.remove(&key).map_err(ApiError::from);
+            daemon.forget_sessions(std::slice::from_ref(&key));
+            removed
+        }
     })
     .await?;
-    daemon.forget_sessions(std::slice::from_ref(&key));
     Ok(Json(Ended {
         id: key,
         end_reason: reason.to_string(),
@@ -361,7 +444,7 @@ async fn delete_session(
 
 async fn create_exec(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> ApiResult<(StatusCode, Json<ExecInfo>)> {
     let managed = daemon.manager.get(&id)?;
@@ -375,6 +458,25 @@ async fn create_exec(
     });
     spec.timeout = request.timeout_ms.map(Duration::from_millis);
     let session = managed.id.to_string();
+    // Room first: an exec the daemon cannot track must not start.
+    {
+        let mut execs = lock(&daemon.execs);
+        let mine = |execs: &HashMap<(String, u32), Arc<Tracked>>| {
+            execs.keys().filter(|(s, _)| *s == session).count()
+        };
+        if mine(&execs) >= MAX_EXECS_PER_SESSION {
+            execs.retain(|(s, _), tracked| *s != session || !tracked.events.drained());
+        }
+        if mine(&execs) >= MAX_EXECS_PER_SESSION {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "limit_reached",
+                format!(
+                    "{MAX_EXECS_PER_SESSION} execs of this session are running or have output nobody read; read or wait for some first"
+                ),
+            ));
+        }
+    }
     let exec = Arc::new(managed.session.exec(&spec)?);
     let exec_id = exec.id();
     let events = Events::pump(Arc::clone(&exec), request.tty).map_err(|e| {
@@ -384,15 +486,18 @@ async fn create_exec(
             format!("cannot follow the exec: {e}"),
         )
     })?;
-    let mut execs = lock(&daemon.execs);
-    let mine = execs.keys().filter(|(s, _)| *s == session).count();
-    if mine >= MAX_EXECS_PER_SESSION {
-        execs.retain(|(s, _), tracked| *s != session || !tracked.events.drained());
-    }
-    execs.insert(
+    lock(&daemon.execs).insert(
         (session.clone(), exec_id),
-        Arc::new(Tracked { exec, events }),
+        Arc::new(Tracked {
+            exec,
+            events,
+            stdin: Mutex::new(()),
+        }),
     );
+    // A delete that raced this exec has already forgotten its session.
+    if daemon.manager.get(&session).is_err() {
+        daemon.forget_sessions(std::slice::from_ref(&session));
+    }
     Ok((
         StatusCode::CREATED,
         Json(ExecInfo {
@@ -418,7 +523,7 @@ fn tracked(daemon: &Daemon, id: &str, exec: u32) -> ApiResult<Arc<Tracked>> {
 
 async fn exec_events(
     State(daemon): State<Arc<Daemon>>,
-    Path((id, exec)): Path<(String, u32)>,
+    ApiPath((id, exec)): ApiPath<(String, u32)>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let tracked = tracked(&daemon, &id, exec)?;
@@ -438,7 +543,7 @@ async fn exec_events(
                 if let Some(event) = pending.pop() {
                     return Some((
                         Ok(sse_event(&event)),
-                        (events, after.max(event.data.seq), pending, false),
+                        (events, after.max(event.seq()), pending, false),
                     ));
                 }
                 let arrived = events.arrived.notified();
@@ -459,27 +564,40 @@ async fn exec_events(
 }
 
 fn sse_event(event: &crate::events::Numbered) -> Event {
-    let data = serde_json::to_string(&event.data).unwrap_or_else(|_| "{}".into());
+    let data = serde_json::to_string(&event.data()).unwrap_or_else(|_| "{}".into());
     Event::default()
-        .id(event.data.seq.to_string())
+        .id(event.seq().to_string())
         .event(event.kind)
         .data(data)
 }
 
 async fn exec_stdin(
     State(daemon): State<Arc<Daemon>>,
-    Path((id, exec)): Path<(String, u32)>,
+    ApiPath((id, exec)): ApiPath<(String, u32)>,
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<StatusCode> {
     let tracked = tracked(&daemon, &id, exec)?;
-    let stdin = tracked.exec.stdin();
-    blocking(move || stdin.write_all(&body).map_err(ApiError::from)).await?;
+    blocking(move || {
+        let Ok(_writing) = tracked.stdin.try_lock() else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "busy",
+                "another stdin write to this exec is in progress; wait for it",
+            ));
+        };
+        tracked
+            .exec
+            .stdin()
+            .write_all_within(&body, Some(STDIN_PATIENCE))
+            .map_err(ApiError::from)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn exec_stdin_close(
     State(daemon): State<Arc<Daemon>>,
-    Path((id, exec)): Path<(String, u32)>,
+    ApiPath((id, exec)): ApiPath<(String, u32)>,
 ) -> ApiResult<StatusCode> {
     tracked(&daemon, &id, exec)?.exec.close_stdin()?;
     Ok(StatusCode::NO_CONTENT)
@@ -487,7 +605,7 @@ async fn exec_stdin_close(
 
 async fn exec_signal(
     State(daemon): State<Arc<Daemon>>,
-    Path((id, exec)): Path<(String, u32)>,
+    ApiPath((id, exec)): ApiPath<(String, u32)>,
     ApiJson(request): ApiJson<SignalRequest>,
 ) -> ApiResult<StatusCode> {
     tracked(&daemon, &id, exec)?.exec.signal(request.signal)?;
@@ -496,7 +614,7 @@ async fn exec_signal(
 
 async fn exec_resize(
     State(daemon): State<Arc<Daemon>>,
-    Path((id, exec)): Path<(String, u32)>,
+    ApiPath((id, exec)): ApiPath<(String, u32)>,
     ApiJson(request): ApiJson<ResizeRequest>,
 ) -> ApiResult<StatusCode> {
     tracked(&daemon, &id, exec)?.exec.resize(PtySize {

@@ -16,8 +16,21 @@ use base64::Engine as _;
 use vmette::{Exec, ExecEvent, ExecStatus};
 use vmette_api::EventData;
 
-/// Most output bytes an exec's buffer holds before its pump waits.
+/// Most bytes an exec's buffer holds before its pump waits, output and a
+/// fixed cost per event together, so that a flood of tiny events is
+/// bounded as tightly as a few large ones.
 pub const BUFFER_BYTES: usize = 1 << 20;
+
+/// What each queued event counts against [`BUFFER_BYTES`] besides its
+/// output: its own struct and bookkeeping.
+const EVENT_COST: usize = 256;
+
+/// Adjacent output of one kind is merged into one event up to this size,
+/// so that many small writes cost few events.
+const MERGE_UP_TO: usize = 64 * 1024;
+
+/// Most events handed to a client at once.
+const BATCH: usize = 64;
 
 /// How many delivered events are remembered, for gap reports.
 const DELIVERED_MEMORY: usize = 4096;
@@ -27,16 +40,37 @@ const DELIVERED_MEMORY: usize = 4096;
 pub struct Numbered {
     /// `stdout`, `stderr`, `pty`, `exit`, `failed` or `gap`.
     pub kind: &'static str,
-    /// What the client gets as the event's data; its `seq` is the SSE id.
-    pub data: EventData,
-    /// Output bytes in this event (for the buffer's bound and gaps).
-    bytes: u64,
+    /// What the client gets as the event's data (without the output
+    /// bytes, which [`Numbered::data`] adds); its `seq` is the SSE id.
+    meta: EventData,
+    /// Output bytes, raw; base64 only when sent.
+    output: Vec<u8>,
+}
+
+impl Numbered {
+    /// The event's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.meta.seq
+    }
+
+    /// The event's data as the client gets it.
+    pub fn data(&self) -> EventData {
+        let mut data = self.meta.clone();
+        if !self.output.is_empty() {
+            data.data = Some(base64::engine::general_purpose::STANDARD.encode(&self.output));
+        }
+        data
+    }
+
+    fn cost(&self) -> usize {
+        self.output.len() + EVENT_COST
+    }
 }
 
 /// The events of one exec.
 pub struct Events {
     state: Mutex<State>,
-    /// Wakes the pump when a client took events.
+    /// Wakes the pump when a client took events, or the buffer closed.
     room: Condvar,
     /// Wakes clients when events arrive.
     pub arrived: tokio::sync::Notify,
@@ -45,12 +79,17 @@ pub struct Events {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Numbered>,
-    queued_bytes: usize,
+    queued_cost: usize,
     next_seq: u64,
     /// `(seq, bytes)` of events already delivered, most recent last.
     delivered: VecDeque<(u64, u64)>,
     /// The exit or failure event has been queued.
     ended: bool,
+    /// The exit or failure event, kept once delivered so that a client
+    /// that lost its connection just before it still learns the status.
+    last: Option<Numbered>,
+    /// Nobody will read any more (the session is gone): the pump stops.
+    closed: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,20 +124,34 @@ impl Events {
         Ok(events)
     }
 
+    /// Stops the pump and releases the buffer: nobody will read it.
+    pub fn close(&self) {
+        let mut state = lock(&self.state);
+        state.closed = true;
+        state.queue.clear();
+        state.queued_cost = 0;
+        drop(state);
+        self.room.notify_all();
+        self.arrived.notify_waiters();
+    }
+
     fn run(&self, exec: &Exec, pty: bool) {
         loop {
             {
                 let mut state = lock(&self.state);
-                while state.queued_bytes >= BUFFER_BYTES {
+                while state.queued_cost >= BUFFER_BYTES && !state.closed {
                     state = self
                         .room
                         .wait(state)
                         .unwrap_or_else(PoisonError::into_inner);
                 }
+                if state.closed {
+                    return;
+                }
             }
             let event = match exec.next_event() {
-                Some(ExecEvent::Stdout(data)) => output(if pty { "pty" } else { "stdout" }, &data),
-                Some(ExecEvent::Stderr(data)) => output("stderr", &data),
+                Some(ExecEvent::Stdout(data)) => output(if pty { "pty" } else { "stdout" }, data),
+                Some(ExecEvent::Stderr(data)) => output("stderr", data),
                 Some(ExecEvent::Exit(status)) => exit(&status),
                 None => return,
             };
@@ -112,9 +165,26 @@ impl Events {
 
     fn push(&self, mut event: Numbered) {
         let mut state = lock(&self.state);
-        event.data.seq = state.next_seq;
+        if state.closed {
+            return;
+        }
+        // Output right after output of the same kind, not yet handed out,
+        // joins it.
+        if !event.output.is_empty() {
+            if let Some(tail) = state.queue.back_mut() {
+                if tail.kind == event.kind && tail.output.len() + event.output.len() <= MERGE_UP_TO
+                {
+                    tail.output.extend_from_slice(&event.output);
+                    state.queued_cost += event.output.len();
+                    drop(state);
+                    self.arrived.notify_waiters();
+                    return;
+                }
+            }
+        }
+        event.meta.seq = state.next_seq;
         state.next_seq += 1;
-        state.queued_bytes += event.bytes as usize;
+        state.queued_cost += event.cost();
         if matches!(event.kind, "exit" | "failed") {
             state.ended = true;
         }
@@ -127,9 +197,11 @@ impl Events {
     /// taken out of the buffer as they are handed over.
     pub fn next(&self, after: u64) -> Next {
         let mut state = lock(&self.state);
+        // An id this exec never gave out is as good as the last one.
+        let after = after.min(state.next_seq.saturating_sub(1));
         let mut out = Vec::new();
-        let first = state.queue.front().map_or(state.next_seq, |e| e.data.seq);
-        if after + 1 < first {
+        let first = state.queue.front().map_or(state.next_seq, Numbered::seq);
+        if after.saturating_add(1) < first {
             // Someone else took events this client has not seen.
             let missed: u64 = state
                 .delivered
@@ -137,32 +209,43 @@ impl Events {
                 .filter(|(seq, _)| *seq > after)
                 .map(|(_, bytes)| bytes)
                 .sum();
-            out.push(Numbered {
-                kind: "gap",
-                data: EventData {
-                    seq: first - 1,
-                    missed_bytes: Some(missed),
-                    ..EventData::default()
-                },
-                bytes: 0,
-            });
+            if missed > 0 {
+                out.push(Numbered {
+                    kind: "gap",
+                    meta: EventData {
+                        seq: first - 1,
+                        missed_bytes: Some(missed),
+                        ..EventData::default()
+                    },
+                    output: Vec::new(),
+                });
+            }
+            if let Some(last) = state.last.clone().filter(|last| last.seq() > after) {
+                out.push(last);
+            }
         }
-        while let Some(event) = state.queue.pop_front() {
-            state.queued_bytes -= event.bytes as usize;
-            state.delivered.push_back((event.data.seq, event.bytes));
+        while out.len() < BATCH {
+            let Some(event) = state.queue.pop_front() else {
+                break;
+            };
+            state.queued_cost -= event.cost();
+            state
+                .delivered
+                .push_back((event.seq(), event.output.len() as u64));
             if state.delivered.len() > DELIVERED_MEMORY {
                 state.delivered.pop_front();
             }
-            if event.data.seq > after {
-                out.push(event);
+            if matches!(event.kind, "exit" | "failed") {
+                state.last = Some(event.clone());
             }
+            out.push(event);
         }
         if !out.is_empty() {
             drop(state);
             self.room.notify_all();
             return Next::Events(out);
         }
-        if state.ended {
+        if state.ended || state.closed {
             Next::End
         } else {
             Next::Wait
@@ -176,22 +259,19 @@ impl Events {
     }
 }
 
-fn event(kind: &'static str, data: EventData) -> Numbered {
+fn event(kind: &'static str, meta: EventData) -> Numbered {
     Numbered {
         kind,
-        data,
-        bytes: 0,
+        meta,
+        output: Vec::new(),
     }
 }
 
-fn output(kind: &'static str, data: &[u8]) -> Numbered {
+fn output(kind: &'static str, data: Vec<u8>) -> Numbered {
     Numbered {
         kind,
-        data: EventData {
-            data: Some(base64::engine::general_purpose::STANDARD.encode(data)),
-            ..EventData::default()
-        },
-        bytes: data.len() as u64,
+        meta: EventData::default(),
+        output: data,
     }
 }
 

@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,11 +18,15 @@ use vmette::{DirEntry, FileErrorKind, FileKind, FileStat};
 use vmette_api::{Entry, Listing, Moved, Stat};
 use vmette_manager::Managed;
 
-use crate::api::{blocking, ApiError, ApiResult, Daemon};
+use crate::api::{blocking, ApiError, ApiPath, ApiResult, Daemon};
 
 /// Chunks in flight between a body and the guest, each as large as the
 /// client or the guest made it.
 const PIPE_CHUNKS: usize = 8;
+
+/// How long a body may stand still (a client that stops sending an upload
+/// or reading a download) before the transfer is abandoned.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The guest path a file route works on, and its options.
 #[derive(Deserialize)]
@@ -99,8 +103,15 @@ async fn with_body<T: Send + 'static>(
     });
     let feeder = async move {
         let mut stream = body.into_data_stream();
-        while let Some(frame) = stream.next().await {
-            let item = frame.map_err(io::Error::other);
+        loop {
+            let item = match tokio::time::timeout(BODY_IDLE, stream.next()).await {
+                Ok(Some(frame)) => frame.map_err(io::Error::other),
+                Ok(None) => return,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the upload stood still for a minute",
+                )),
+            };
             let failed = item.is_err();
             // The worker stops reading once the guest refused the
             // transfer; the rest of the body is not wanted.
@@ -118,8 +129,9 @@ fn streamed(
     work: impl FnOnce(&mut BodyWriter) -> Result<(), vmette::Error> + Send + 'static,
 ) -> Body {
     let (chunks, receiver) = mpsc::channel::<io::Result<Bytes>>(PIPE_CHUNKS);
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let mut writer = BodyWriter { chunks };
+        let mut writer = BodyWriter { chunks, runtime };
         if let Err(error) = work(&mut writer) {
             // The status is sent already; a broken body is what is left.
             let _ = writer
@@ -133,15 +145,18 @@ fn streamed(
     ))
 }
 
-/// Hands what it is given to the response body.
+/// Hands what it is given to the response body; a client that stops
+/// reading for [`BODY_IDLE`] ends the transfer.
 struct BodyWriter {
     chunks: mpsc::Sender<io::Result<Bytes>>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Write for BodyWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.chunks
-            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+        let chunk = Ok(Bytes::copy_from_slice(buf));
+        self.runtime
+            .block_on(self.chunks.send_timeout(chunk, BODY_IDLE))
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         Ok(buf.len())
     }
@@ -158,7 +173,7 @@ fn session(daemon: &Daemon, id: &str) -> ApiResult<Arc<Managed>> {
 /// `PUT /v1/sessions/{id}/files?path=…&mode=…`: the body becomes the file.
 pub async fn put_file(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Moved>)> {
@@ -187,7 +202,7 @@ pub async fn put_file(
 /// `GET /v1/sessions/{id}/files?path=…`: the file, streamed.
 pub async fn get_file(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
 ) -> ApiResult<Response> {
     let q = query(q)?;
@@ -212,7 +227,7 @@ pub async fn get_file(
 /// `PUT /v1/sessions/{id}/tree?path=…`: a tar body unpacked into a directory.
 pub async fn put_tree(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Moved>)> {
@@ -228,7 +243,7 @@ pub async fn put_tree(
 /// `GET /v1/sessions/{id}/tree?path=…`: a tar of a directory or file.
 pub async fn get_tree(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
 ) -> ApiResult<Response> {
     let q = query(q)?;
@@ -260,7 +275,7 @@ fn stat_body(stat: &FileStat) -> Stat {
 /// `GET /v1/sessions/{id}/files/stat?path=…`.
 pub async fn stat(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
 ) -> ApiResult<Json<Stat>> {
     let q = query(q)?;
@@ -272,7 +287,7 @@ pub async fn stat(
 /// `GET /v1/sessions/{id}/files/list?path=…`.
 pub async fn list(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
 ) -> ApiResult<Json<Listing>> {
     let q = query(q)?;
@@ -294,7 +309,7 @@ pub async fn list(
 /// `POST /v1/sessions/{id}/files/mkdir?path=…&parents=true`.
 pub async fn mkdir(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
 ) -> ApiResult<StatusCode> {
     let q = query(q)?;
@@ -306,7 +321,7 @@ pub async fn mkdir(
 /// `DELETE /v1/sessions/{id}/files?path=…&recursive=true`.
 pub async fn delete(
     State(daemon): State<Arc<Daemon>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     q: Query_,
 ) -> ApiResult<StatusCode> {
     let q = query(q)?;

@@ -15,8 +15,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-/// Most connections served at once; more are closed as they arrive.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Most connections served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// Most bytes of request head (line and headers) read.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -29,17 +29,22 @@ pub fn default_dir() -> anyhow::Result<PathBuf> {
     vmette_api::socket_dir().context("cannot find a directory for the socket")
 }
 
-/// A bound, locked socket directory. Dropping it removes the socket; the
-/// lock goes with the process.
+/// A bound, locked socket directory.
 pub struct Bound {
     pub listener: UnixListener,
-    pub socket: PathBuf,
-    _lock: File,
+    pub socket: SocketFile,
+    /// Held until the daemon has stopped its sessions, so that no second
+    /// daemon serves the directory meanwhile.
+    pub lock: File,
 }
 
-impl Drop for Bound {
+/// The socket's path; dropping it removes the socket, so that clients see
+/// the daemon gone at once.
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.socket);
+        let _ = fs::remove_file(&self.0);
     }
 }
 
@@ -99,9 +104,32 @@ pub fn bind(dir: &Path) -> anyhow::Result<Bound> {
     let listener = listener.with_context(|| format!("cannot bind {}", socket.display()))?;
     Ok(Bound {
         listener,
-        socket,
-        _lock: lock,
+        socket: SocketFile(socket),
+        lock,
     })
+}
+
+/// Answers one request on `stream` with 503, so that a client learns the
+/// daemon is busy rather than gone, then closes it.
+async fn refuse_busy(stream: tokio::net::UnixStream) {
+    let busy = hyper::service::service_fn(|_request| async {
+        let body = format!(
+            r#"{{"error":{{"code":"busy","message":"{MAX_CONNECTIONS} connections are open; try again shortly"}}}}"#
+        );
+        hyper::Response::builder()
+            .status(503)
+            .header("content-type", "application/json")
+            .header("connection", "close")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+    });
+    let _ = tokio::time::timeout(
+        HEAD_TIMEOUT,
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(TokioIo::new(stream), busy),
+    )
+    .await;
 }
 
 /// Serves `app` on `listener` until the process ends: each connection is
@@ -136,6 +164,7 @@ pub async fn serve(listener: &UnixListener, app: axum::Router) {
         }
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             tracing::warn!("refused a connection: {MAX_CONNECTIONS} are open");
+            tokio::spawn(refuse_busy(stream));
             continue;
         };
         let app = app.clone();

@@ -122,18 +122,15 @@ fn serve(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let lock = runtime.block_on(async {
         let bound = listener::bind(&dir)?;
-        eprintln!("vmetted: serving {}", bound.socket.display());
+        eprintln!("vmetted: serving {}", bound.socket.0.display());
         let sweeper = Arc::clone(&daemon);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SWEEP_EVERY).await;
-                let swept = sweeper.manager.sweep();
-                if !swept.is_empty() {
-                    let gone: Vec<String> = swept.iter().map(|(id, _)| id.to_string()).collect();
-                    sweeper.forget_sessions(&gone);
-                }
+                sweeper.manager.sweep();
+                sweeper.forget_dead();
             }
         });
         let app = api::router(Arc::clone(&daemon));
@@ -141,13 +138,16 @@ fn serve(args: Args) -> anyhow::Result<()> {
             () = listener::serve(&bound.listener, app) => {}
             () = shutdown_signal() => {}
         }
-        // The socket goes first, so no client reaches a daemon shutting down.
-        drop(bound);
-        anyhow::Ok(())
+        // The socket goes first, so no new client reaches a daemon that is
+        // shutting down; the lock stays until its sessions are down.
+        drop(bound.listener);
+        drop(bound.socket);
+        anyhow::Ok(bound.lock)
     })?;
     // Graceful: every session powers off (flushing its writable disks).
-    daemon.manager.stop_all();
     runtime.shutdown_timeout(Duration::from_secs(1));
+    daemon.manager.stop_all();
+    drop(lock);
     Ok(())
 }
 

@@ -365,6 +365,18 @@ fn sessions_and_execs_over_the_socket() {
         status.starts_with('4') || status == "000",
         "oversized header got {status}"
     );
+    let (code, body) = daemon.call("GET", "/v1/sessions/t/execs/abc/events", None);
+    assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")));
+    let (code, body) = daemon.call("PATCH", "/v1/status", None);
+    assert_eq!((code, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
+    let (code, _) = daemon.call("POST", "/v1/sessions", Some(r#"{"scratch_mib":99999999}"#));
+    assert!(code == 422 || code == 429, "a huge scratch disk got {code}");
+    // A Last-Event-ID no event had neither breaks the daemon nor costs
+    // anyone output.
+    let late = daemon.exec("t", r#"{"argv":["echo","late"]}"#);
+    let lying = daemon.events("t", late, u64::MAX, Duration::from_secs(60));
+    let (out, _, code) = collect(&lying);
+    assert_eq!((out, code), (b"late\n".to_vec(), 0));
     // The session is unaffected by all that.
     let (out, _, code) = daemon.run("t", r#"{"argv":["echo","still"]}"#);
     assert_eq!((out, code), (b"still\n".to_vec(), 0));
