@@ -83,6 +83,51 @@ pub struct SessionRequest {
     /// End it after this long without an exec.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<u64>,
+    /// Host directories to mount (read-only unless `writable`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareRequest>,
+    /// Disk images to attach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskRequest>,
+    /// The root file system instead of the default image: a directory or
+    /// an erofs, squashfs or ext4 image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsRequest>,
+}
+
+/// A host directory mounted in a session's guest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareRequest {
+    /// The host directory, an absolute path.
+    pub host_path: String,
+    /// Where the guest sees it, an absolute path.
+    pub guest_path: String,
+    /// Let the guest write (the host enforces read-only otherwise).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// A disk image attached to a session's guest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    /// The image, an absolute path.
+    pub path: String,
+    /// Attach it read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A session's root file system.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootfsRequest {
+    /// A directory or image, an absolute path.
+    pub path: String,
+    /// For a directory: write through to it instead of into an overlay.
+    #[serde(default)]
+    pub writable: bool,
 }
 
 /// A session, as created, listed and described.

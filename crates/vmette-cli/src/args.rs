@@ -213,6 +213,18 @@ pub struct CreateArgs {
     /// End the sandbox after this long with no exec.
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// Share a host directory (read-only unless :rw). Repeatable.
+    #[arg(long, value_name = "HOST_DIR:GUEST_PATH[:ro|:rw]")]
+    pub share: Vec<String>,
+    /// Attach a disk image as a block device. Repeatable.
+    #[arg(long, value_name = "IMAGE[:ro]")]
+    pub disk: Vec<String>,
+    /// Root file system: a host directory or an erofs/squashfs/ext4 image.
+    #[arg(long, value_name = "DIR|IMAGE")]
+    pub rootfs: Option<PathBuf>,
+    /// Let writes to a directory rootfs reach the host directory.
+    #[arg(long)]
+    pub rootfs_rw: bool,
 }
 
 #[derive(Debug, Args)]

@@ -39,11 +39,49 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
             .map_err(anyhow::Error::msg)?,
         timeout_s: seconds("--timeout", &args.timeout)?,
         idle_timeout_s: seconds("--idle-timeout", &args.idle_timeout)?,
+        shares: args
+            .share
+            .iter()
+            .map(|s| {
+                let share = values::share(s).map_err(anyhow::Error::msg)?;
+                Ok(vmette_api::ShareRequest {
+                    host_path: absolute(&share.host_path)?,
+                    guest_path: share.guest_path,
+                    writable: share.writable,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        disks: args
+            .disk
+            .iter()
+            .map(|d| {
+                let disk = values::disk(d).map_err(anyhow::Error::msg)?;
+                Ok(vmette_api::DiskRequest {
+                    path: absolute(&disk.path)?,
+                    read_only: disk.read_only,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        rootfs: match &args.rootfs {
+            Some(path) => Some(vmette_api::RootfsRequest {
+                path: absolute(path)?,
+                writable: args.rootfs_rw,
+            }),
+            None if args.rootfs_rw => bail!("--rootfs-rw needs --rootfs DIR"),
+            None => None,
+        },
     };
     let client = Client::connect(true)?;
     let session: SessionInfo = client.json("POST", "/v1/sessions", Some(&request))?;
     println!("{}", session.id);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A host path as the daemon needs it: absolute, and existing.
+fn absolute(path: &Path) -> anyhow::Result<String> {
+    let path =
+        std::fs::canonicalize(path).with_context(|| format!("cannot find {}", path.display()))?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {

@@ -195,6 +195,27 @@ fn sandboxes_through_the_daemon() {
     assert_one_sentence(&runtime.run(&sandbox, &["create", "--no-such-flag"]));
     assert_one_sentence(&runtime.run(&sandbox, &["cp", "/etc/hostname", "/tmp/x"]));
 
+    // The run flags' shares: read-only unless :rw, enforced by the host.
+    let shared = files.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::write(shared.join("given"), "from the host\n").expect("write");
+    let rw = format!("{}:/rw:rw", shared.display());
+    let ro = format!("{}:/ro", shared.display());
+    ok(&runtime.run(
+        &sandbox,
+        &["create", "--name", "shares", "--share", &rw, "--share", &ro],
+    ));
+    let line =
+        "cat /ro/given; echo made > /rw/made; echo nope > /ro/nope 2>/dev/null || echo refused";
+    let output = runtime.run(&sandbox, &["exec", "shares", "--", "sh", "-c", line]);
+    assert_eq!(ok(&output), "from the host\nrefused\n");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("made")).expect("made"),
+        "made\n"
+    );
+    assert!(!shared.join("nope").exists());
+    ok(&runtime.run(&sandbox, &["stop", "shares"]));
+
     ok(&runtime.run(&sandbox, &["stop", "box"]));
     let listing: serde_json::Value =
         serde_json::from_str(&ok(&runtime.run(&sandbox, &["ps", "--json"]))).expect("JSON");

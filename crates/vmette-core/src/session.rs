@@ -1059,6 +1059,14 @@ impl Monitor {
         if !self.vm.has_exited() {
             self.vm.kill();
         }
+        // The reason is known before any exec hears of the end, so that a
+        // caller told "the session ended" can ask why.
+        let console = self.vm.console_tail();
+        {
+            let mut control = lock(&self.shared.control);
+            control.console = console;
+            control.end = Some(reason.clone());
+        }
         let execs: Vec<_> = {
             let mut table = lock(&self.shared.execs);
             table.closed = true;
@@ -1070,11 +1078,6 @@ impl Monitor {
         // The writer ends; stdin pumps still holding a sender fail at once.
         self.shared.sender.close();
         tracing::debug!(%reason, "session ended");
-        let console = self.vm.console_tail();
-        let mut control = lock(&self.shared.control);
-        control.console = console;
-        control.end = Some(reason);
-        drop(control);
         self.shared.changed.notify_all();
     }
 

@@ -386,6 +386,44 @@ async fn create_session(
         ));
     }
     config.scratch_mib = request.scratch_mib;
+    // The daemon's working directory is not the client's: paths must say
+    // where they are.
+    let absolute = |field: &'static str, path: &str| -> ApiResult<std::path::PathBuf> {
+        let path = std::path::PathBuf::from(path);
+        if path.is_absolute() {
+            Ok(path)
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("the {field} path {} must be absolute", path.display()),
+            ))
+        }
+    };
+    for share in &request.shares {
+        config.shares.push(vmette::Share {
+            host_path: absolute("share", &share.host_path)?,
+            guest_path: share.guest_path.clone(),
+            writable: share.writable,
+        });
+    }
+    for disk in &request.disks {
+        config.disks.push(vmette::Disk {
+            path: absolute("disk", &disk.path)?,
+            read_only: disk.read_only,
+        });
+    }
+    if let Some(rootfs) = &request.rootfs {
+        let path = absolute("rootfs", &rootfs.path)?;
+        config.rootfs = if path.is_dir() {
+            vmette::Rootfs::Directory {
+                path,
+                writable: rootfs.writable,
+            }
+        } else {
+            vmette::Rootfs::Image(path)
+        };
+    }
     config.timeout = request.timeout_s.map(Duration::from_secs);
     config.idle_timeout = request.idle_timeout_s.map(Duration::from_secs);
     let managed = blocking(move || {

@@ -366,9 +366,15 @@ fn sessions_and_execs_over_the_socket() {
         "oversized header got {status}"
     );
     let (code, body) = daemon.call("GET", "/v1/sessions/t/execs/abc/events", None);
-    assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")));
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (400, Some("bad_request"))
+    );
     let (code, body) = daemon.call("PATCH", "/v1/status", None);
-    assert_eq!((code, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
     let (code, _) = daemon.call("POST", "/v1/sessions", Some(r#"{"scratch_mib":99999999}"#));
     assert!(code == 422 || code == 429, "a huge scratch disk got {code}");
     // A Last-Event-ID no event had neither breaks the daemon nor costs
