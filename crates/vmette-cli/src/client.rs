@@ -112,11 +112,7 @@ impl Client {
         }
     }
 
-    fn send(&self, request: Request<Body>) -> anyhow::Result<Response<Incoming>> {
-        self.runtime.block_on(self.send_async(request))
-    }
-
-    async fn send_async(&self, request: Request<Body>) -> anyhow::Result<Response<Incoming>> {
+    async fn send(&self, request: Request<Body>) -> anyhow::Result<Response<Incoming>> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .with_context(|| format!("cannot reach vmetted at {}", self.socket.display()))?;
@@ -128,6 +124,58 @@ impl Client {
             .send_request(request)
             .await
             .context("vmetted did not answer")
+    }
+
+    /// A request and its whole answer; the daemon's error message becomes
+    /// the error.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Body,
+    ) -> anyhow::Result<Bytes> {
+        let request = Client::request(method, path, content_type, body)?;
+        self.runtime.block_on(async {
+            let response = self.send(request).await?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .context("vmetted's answer broke off")?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(api_error(status, &bytes));
+            }
+            Ok(bytes)
+        })
+    }
+
+    /// `GET path`, its body handed to `on_chunk` as it arrives.
+    fn stream(
+        &self,
+        path: &str,
+        accept: &str,
+        mut on_chunk: impl FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let request = Client::request("GET", path, accept, Body::Left(Full::default()))?;
+        self.runtime.block_on(async {
+            let response = self.send(request).await?;
+            let status = response.status();
+            if !status.is_success() {
+                let bytes = response.into_body().collect().await?.to_bytes();
+                return Err(api_error(status, &bytes));
+            }
+            let mut body = BodyStream::new(response.into_body());
+            while let Some(frame) = body.next().await {
+                let frame = frame.context("vmetted's answer broke off")?;
+                if let Some(chunk) = frame.data_ref() {
+                    on_chunk(chunk)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     fn request(
@@ -154,48 +202,16 @@ impl Client {
             Some(body) => serde_json::to_vec(body)?,
             None => Vec::new(),
         };
-        let request = Client::request(
-            method,
-            path,
-            "application/json",
-            Body::Left(Full::new(Bytes::from(bytes))),
-        )?;
-        let response = self.send(request)?;
-        let status = response.status();
-        let bytes = self
-            .runtime
-            .block_on(response.into_body().collect())
-            .context("vmetted's answer broke off")?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(api_error(status, &bytes));
-        }
-        let bytes = if bytes.is_empty() {
-            Bytes::from_static(b"null")
-        } else {
-            bytes
-        };
-        serde_json::from_slice(&bytes).context("vmetted's answer is not what this vmette expects")
+        let body = Body::Left(Full::new(Bytes::from(bytes)));
+        let answer = self.call(method, path, "application/json", body)?;
+        decode(&answer)
     }
 
     /// `POST path` with `bytes` as the body, expecting no content back.
     pub fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
-        let request = Client::request(
-            "POST",
-            path,
-            "application/octet-stream",
-            Body::Left(Full::new(Bytes::from(bytes))),
-        )?;
-        let response = self.send(request)?;
-        let status = response.status();
-        let body = self
-            .runtime
-            .block_on(response.into_body().collect())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(api_error(status, &body));
-        }
-        Ok(())
+        let body = Body::Left(Full::new(Bytes::from(bytes)));
+        self.call("POST", path, "application/octet-stream", body)
+            .map(drop)
     }
 
     /// Streams an exec's events to `on_event` until the stream ends.
@@ -204,43 +220,24 @@ impl Client {
         path: &str,
         mut on_event: impl FnMut(&str, EventData) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let request = Client::request(
-            "GET",
-            path,
-            "text/event-stream",
-            Body::Left(Full::default()),
-        )?;
-        self.runtime.block_on(async {
-            let response = self.send_async(request).await?;
-            let status = response.status();
-            if !status.is_success() {
-                let bytes = response.into_body().collect().await?.to_bytes();
-                return Err(api_error(status, &bytes));
-            }
-            let mut body = BodyStream::new(response.into_body());
-            // Bytes, not text, until a whole event is in: a character may
-            // be split between chunks.
-            let mut pending: Vec<u8> = Vec::new();
-            while let Some(frame) = body.next().await {
-                let frame = frame.context("the event stream broke off")?;
-                let Some(chunk) = frame.data_ref() else {
-                    continue;
-                };
-                pending.extend_from_slice(chunk);
-                while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                    let raw: Vec<u8> = pending.drain(..end + 2).collect();
-                    let block = String::from_utf8_lossy(&raw);
-                    let (mut kind, mut data) = ("", None);
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("event: ") {
-                            kind = v;
-                        } else if let Some(v) = line.strip_prefix("data: ") {
-                            data = serde_json::from_str::<EventData>(v).ok();
-                        }
+        // Bytes, not text, until a whole event is in: a character may be
+        // split between chunks.
+        let mut pending: Vec<u8> = Vec::new();
+        self.stream(path, "text/event-stream", |chunk| {
+            pending.extend_from_slice(chunk);
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = pending.drain(..end + 2).collect();
+                let block = String::from_utf8_lossy(&raw);
+                let (mut kind, mut data) = ("", None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        kind = v;
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = serde_json::from_str::<EventData>(v).ok();
                     }
-                    if let (false, Some(data)) = (kind.is_empty(), data) {
-                        on_event(kind, data)?;
-                    }
+                }
+                if let (false, Some(data)) = (kind.is_empty(), data) {
+                    on_event(kind, data)?;
                 }
             }
             Ok(())
@@ -277,45 +274,25 @@ impl Client {
             receiver.recv().await.map(|item| (item, receiver))
         });
         let body = Body::Right(StreamBody::new(stream.boxed()));
-        let response = self.send(Client::request("PUT", path, content_type, body)?)?;
-        let status = response.status();
-        let bytes = self
-            .runtime
-            .block_on(response.into_body().collect())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(api_error(status, &bytes));
-        }
-        serde_json::from_slice(&bytes).context("vmetted's answer is not what this vmette expects")
+        decode(&self.call("PUT", path, content_type, body)?)
     }
 
     /// Writes the body of `GET path` into `sink` as it arrives.
     pub fn download(&self, path: &str, sink: &mut dyn Write) -> anyhow::Result<u64> {
-        let request = Client::request(
-            "GET",
-            path,
-            "application/octet-stream",
-            Body::Left(Full::default()),
-        )?;
-        self.runtime.block_on(async {
-            let response = self.send_async(request).await?;
-            let status = response.status();
-            if !status.is_success() {
-                let bytes = response.into_body().collect().await?.to_bytes();
-                return Err(api_error(status, &bytes));
-            }
-            let mut body = BodyStream::new(response.into_body());
-            let mut total = 0u64;
-            while let Some(frame) = body.next().await {
-                let frame = frame.context("the download broke off")?;
-                if let Some(chunk) = frame.data_ref() {
-                    sink.write_all(chunk).context("cannot store the download")?;
-                    total += chunk.len() as u64;
-                }
-            }
-            Ok(total)
-        })
+        let mut total = 0u64;
+        self.stream(path, "application/octet-stream", |chunk| {
+            sink.write_all(chunk).context("cannot store the download")?;
+            total += chunk.len() as u64;
+            Ok(())
+        })?;
+        Ok(total)
     }
+}
+
+/// A JSON answer (an empty one is `null`).
+fn decode<T: DeserializeOwned>(answer: &Bytes) -> anyhow::Result<T> {
+    let answer: &[u8] = if answer.is_empty() { b"null" } else { answer };
+    serde_json::from_slice(answer).context("vmetted's answer is not what this vmette expects")
 }
 
 /// An error the daemon answered with: its code, for callers that handle

@@ -199,6 +199,14 @@ pub async fn put_file(
     Ok((StatusCode::CREATED, Json(Moved { bytes })))
 }
 
+/// The path's metadata before a download starts, so that a missing path is
+/// a clean error rather than a body broken off after its status.
+async fn stat_first(managed: &Arc<Managed>, path: &str) -> ApiResult<FileStat> {
+    let managed = Arc::clone(managed);
+    let path = path.to_string();
+    blocking(move || Ok(managed.session.stat(&path)?)).await
+}
+
 /// `GET /v1/sessions/{id}/files?path=…`: the file, streamed.
 pub async fn get_file(
     State(daemon): State<Arc<Daemon>>,
@@ -207,12 +215,7 @@ pub async fn get_file(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let managed = session(&daemon, &id)?;
-    // A missing path or a directory is a clean error before the body starts.
-    let stat = {
-        let managed = Arc::clone(&managed);
-        let path = q.path.clone();
-        blocking(move || Ok(managed.session.stat(&path)?)).await?
-    };
+    let stat = stat_first(&managed, &q.path).await?;
     if stat.kind == FileKind::Directory {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -248,11 +251,7 @@ pub async fn get_tree(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let managed = session(&daemon, &id)?;
-    {
-        let managed = Arc::clone(&managed);
-        let path = q.path.clone();
-        blocking(move || Ok(managed.session.stat(&path)?)).await?;
-    }
+    stat_first(&managed, &q.path).await?;
     let body = streamed(move |writer| managed.session.copy_out_tar(&q.path, writer).map(drop));
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
 }
