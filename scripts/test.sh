@@ -67,7 +67,7 @@ VMETTE_ARM64_AGENT="$PWD/target/aarch64-unknown-linux-musl/release-guest/vmette-
     cargo test --release -p vmette-vz --test arm64_guest -- --ignored
 
 say "checking for leftovers"
-leftovers=$(pgrep -a -f 'qemu-system|virtiofsd --socket-path|vhost-device-vsock' | grep -v pgrep || true)
+leftovers=$(pgrep -a -f 'qemu-system|virtiofsd --socket-path|vhost-device-vsock|vmetted --socket-dir' | grep -v pgrep || true)
 dirs=$(find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'vmette-*' 2>/dev/null || true)
 if [ -n "$leftovers" ] || [ -n "$dirs" ]; then
     echo "left behind after the tests:" >&2
