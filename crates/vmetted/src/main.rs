@@ -12,12 +12,14 @@ mod api;
 mod events;
 mod files;
 mod listener;
+mod tcp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use vmette_manager::{Limits, Manager};
 
@@ -46,6 +48,11 @@ struct Args {
     /// End sessions idle this long (30m, 90s; 0 never) [default: 30m].
     #[arg(long, value_name = "DURATION")]
     idle_timeout: Option<String>,
+    /// Also serve on this loopback TCP address (127.0.0.1:PORT or
+    /// [::1]:PORT; port 0 picks one), with the bearer token from the
+    /// socket directory's `token` file.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
     /// Say more (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -100,6 +107,8 @@ fn serve(args: Args) -> anyhow::Result<()> {
         let idle = parse_duration(idle)?;
         limits.idle_timeout = (!idle.is_zero()).then_some(idle);
     }
+    // Refused before anything starts: only loopback is served over TCP.
+    let listen = args.listen.map(tcp::loopback_only).transpose()?;
     let dir = match args.socket_dir {
         Some(dir) => dir,
         None => listener::default_dir()?,
@@ -125,6 +134,23 @@ fn serve(args: Args) -> anyhow::Result<()> {
     let lock = runtime.block_on(async {
         let bound = listener::bind(&dir)?;
         eprintln!("vmetted: serving {}", bound.socket.0.display());
+        if let Some(address) = listen {
+            let token = tcp::token(&dir)?;
+            let tcp = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address}"))?;
+            let address = tcp.local_addr()?;
+            let gate = tcp::Gate::new(token, address);
+            let app = api::router(Arc::clone(&daemon)).layer(axum::middleware::from_fn_with_state(
+                gate,
+                tcp::require_token,
+            ));
+            eprintln!(
+                "vmetted: serving http://{address} (bearer token in {})",
+                dir.join(tcp::TOKEN_NAME).display()
+            );
+            tokio::spawn(tcp::serve(tcp, app));
+        }
         let sweeper = Arc::clone(&daemon);
         tokio::spawn(async move {
             loop {

@@ -854,3 +854,82 @@ fn malformed_http_gets_a_4xx_and_harms_no_one() {
     let (code, status) = daemon.call("GET", "/v1/status", None);
     assert_eq!(code, 200, "{status}");
 }
+
+#[test]
+fn loopback_tcp_needs_the_token() {
+    use std::io::{BufRead, BufReader};
+    for refused in ["0.0.0.0:0", "192.168.1.5:0", "[::]:0"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let output = Command::new(VMETTED)
+            .arg("--socket-dir")
+            .arg(dir.path().join("d"))
+            .args(["--listen", refused])
+            .output()
+            .expect("vmetted");
+        assert_eq!(output.status.code(), Some(125), "{refused}");
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert!(message.contains("not a loopback address"), "{message}");
+        assert_eq!(message.trim_end().lines().count(), 1, "{message}");
+    }
+
+    let dir = tempfile::tempdir().expect("dir");
+    let socket_dir = dir.path().join("d");
+    let mut child = Command::new(VMETTED)
+        .arg("--socket-dir")
+        .arg(&socket_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmetted");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let address = loop {
+        let line = lines.next().expect("a line").expect("read");
+        if let Some(rest) = line.strip_prefix("vmetted: serving http://") {
+            break rest.split_whitespace().next().expect("address").to_string();
+        }
+    };
+    let token_file = socket_dir.join("token");
+    assert_eq!(
+        std::fs::metadata(&token_file).expect("token").mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_file).expect("token");
+    let url = format!("http://{address}/v1/status");
+    let status_of = |extra: &[&str]| {
+        let output = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    assert_eq!(status_of(&[]), "401", "no token");
+    assert_eq!(
+        status_of(&["-H", "Authorization: Bearer wrong"]),
+        "401",
+        "a wrong token"
+    );
+    let bearer = format!("Authorization: Bearer {}", token.trim());
+    assert_eq!(status_of(&["-H", &bearer]), "200", "the right token");
+    assert_eq!(
+        status_of(&["-H", &bearer, "-H", "Origin: http://evil.example"]),
+        "403",
+        "a foreign origin"
+    );
+    let over_tcp = Command::new("curl")
+        .args(["-sS", "-H", &bearer, &url])
+        .output()
+        .expect("curl");
+    let over_tcp: Value = serde_json::from_slice(&over_tcp.stdout).expect("JSON");
+    let over_unix = curl(
+        &socket_dir.join("vmetted.sock"),
+        &["http://vmette/v1/status"],
+    );
+    let over_unix: Value = serde_json::from_slice(&over_unix.stdout).expect("JSON");
+    assert_eq!(over_tcp, over_unix, "the same answers on both listeners");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}

@@ -1,0 +1,225 @@
+//! Loopback TCP, for clients that cannot reach a unix socket: the same
+//! router, on 127.0.0.1 or ::1 only, where every request must carry the
+//! bearer token kept in a 0600 file beside the socket (made if absent,
+//! never logged), and a browser's request must come from this origin.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::api::ApiError;
+use crate::listener::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_HEAD_BYTES};
+
+/// The token file's name in the socket directory.
+pub const TOKEN_NAME: &str = "token";
+
+/// Refuses every address but the loopback ones, before anything binds.
+pub fn loopback_only(address: SocketAddr) -> anyhow::Result<SocketAddr> {
+    match address.ip() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST) | IpAddr::V6(Ipv6Addr::LOCALHOST) => Ok(address),
+        other => bail!(
+            "--listen {other} is not a loopback address; vmetted serves TCP only on 127.0.0.1 or ::1"
+        ),
+    }
+}
+
+/// The token in `dir/token`, made (32 random bytes, hex) if absent. A
+/// file another user owns, or others can read, is refused.
+pub fn token(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(TOKEN_NAME);
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(mut file) => {
+            let mut bytes = [0u8; 32];
+            fs::File::open("/dev/urandom")
+                .and_then(|mut random| random.read_exact(&mut bytes))
+                .context("cannot read randomness for the token")?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            file.write_all(token.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = fs::symlink_metadata(&path)
+                .with_context(|| format!("cannot inspect {}", path.display()))?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+                bail!(
+                    "{} must be a file of this user that only they can read; remove it and start again",
+                    path.display()
+                );
+            }
+            let token = fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let token = token.trim().to_string();
+            if token.len() < 32 {
+                bail!(
+                    "{} holds no usable token; remove it and start again",
+                    path.display()
+                );
+            }
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// What the TCP router checks on every request.
+#[derive(Clone)]
+pub struct Gate {
+    token: Arc<str>,
+    origins: Arc<[String]>,
+}
+
+impl Gate {
+    pub fn new(token: String, address: SocketAddr) -> Gate {
+        let port = address.port();
+        Gate {
+            token: token.into(),
+            origins: vec![
+                format!("http://127.0.0.1:{port}"),
+                format!("http://localhost:{port}"),
+                format!("http://[::1]:{port}"),
+            ]
+            .into(),
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so that the time
+/// taken says nothing about how much of a guess was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The middleware: a bearer token, and no foreign `Origin`.
+pub async fn require_token(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !same(presented.trim().as_bytes(), gate.token.as_bytes()) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this listener needs the bearer token from the daemon's token file",
+        )
+        .into_response();
+    }
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|o| gate.origins.iter().any(|a| a == o));
+        if !allowed {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                "requests from web pages of other origins are refused",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Serves `app` on `listener`, with the same bounds as the unix socket.
+pub async fn serve(listener: TcpListener, app: axum::Router) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!("refused a TCP connection: {MAX_CONNECTIONS} are open");
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("TCP connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_addresses_are_served() {
+        for good in ["127.0.0.1:0", "[::1]:8080"] {
+            assert!(loopback_only(good.parse().expect("addr")).is_ok(), "{good}");
+        }
+        for bad in [
+            "0.0.0.0:0",
+            "[::]:0",
+            "192.168.1.5:80",
+            "127.0.0.2:0",
+            "10.0.0.1:1",
+        ] {
+            assert!(loopback_only(bad.parse().expect("addr")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn a_token_is_made_once_and_kept_private() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let first = token(dir.path()).expect("made");
+        assert_eq!(first.len(), 64);
+        assert_eq!(token(dir.path()).expect("read"), first);
+        let mode = fs::metadata(dir.path().join(TOKEN_NAME))
+            .expect("stat")
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(
+            dir.path().join(TOKEN_NAME),
+            fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        assert!(
+            token(dir.path()).is_err(),
+            "a token others can read is refused"
+        );
+    }
+}
