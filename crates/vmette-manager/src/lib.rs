@@ -172,6 +172,17 @@ struct Registry {
     memory_mib: u64,
 }
 
+impl Registry {
+    /// The id a key names: a live or booting session's name, else the key
+    /// itself taken as an id.
+    fn id_of(&self, key: &str) -> SessionId {
+        self.names
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| SessionId(key.into()))
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -285,10 +296,7 @@ impl Manager {
     /// The live session with this id or name.
     pub fn get(&self, key: &str) -> Result<Arc<Managed>, ManagerError> {
         let registry = lock(&self.registry);
-        let id = match registry.names.get(key) {
-            Some(id) => id.clone(),
-            None => SessionId(key.into()),
-        };
+        let id = registry.id_of(key);
         registry
             .live
             .get(&id)
@@ -321,10 +329,7 @@ impl Manager {
     }
 
     fn take(&self, registry: &mut Registry, key: &str) -> Result<Arc<Managed>, ManagerError> {
-        let id = match registry.names.get(key) {
-            Some(id) => id.clone(),
-            None => SessionId(key.into()),
-        };
+        let id = registry.id_of(key);
         let managed = registry
             .live
             .remove(&id)

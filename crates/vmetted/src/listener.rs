@@ -167,19 +167,26 @@ pub async fn serve(listener: &UnixListener, app: axum::Router) {
             tokio::spawn(refuse_busy(stream));
             continue;
         };
-        let app = app.clone();
-        tokio::spawn(async move {
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!("connection ended: {e}");
-            }
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(stream, app.clone(), permit));
     }
+}
+
+/// Serves one accepted connection with the daemon's bounds on its head
+/// (size and time), then gives its connection slot back.
+pub async fn serve_connection(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    app: axum::Router,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!("connection ended: {e}");
+    }
+    drop(permit);
 }

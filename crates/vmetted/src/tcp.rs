@@ -15,12 +15,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::api::ApiError;
-use crate::listener::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_HEAD_BYTES};
+use crate::listener::{serve_connection, MAX_CONNECTIONS};
 
 /// The token file's name in the socket directory.
 pub const TOKEN_NAME: &str = "token";
@@ -157,20 +156,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router) {
             tracing::warn!("refused a TCP connection: {MAX_CONNECTIONS} are open");
             continue;
         };
-        let app = app.clone();
-        tokio::spawn(async move {
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!("TCP connection ended: {e}");
-            }
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(stream, app.clone(), permit));
     }
 }
 
