@@ -12,8 +12,9 @@
 #   ./setup.sh [--with-test-tools] [--list-packages]
 #     --with-test-tools  also install what only the tests need: QEMU for
 #                        arm64, shellcheck, tmux, vhost-device-vsock (for the
-#                        test of the macOS engine's guest side), and httpx
-#                        with httpx-sse from PyPI (the daemon's Python client)
+#                        test of the macOS engine's guest side), and httpx,
+#                        httpx-sse and websockets from PyPI (the daemon's
+#                        Python clients)
 #     --list-packages    print every Debian package set-up may install, one
 #                        a line, and stop
 #
@@ -188,10 +189,10 @@ if [ ! -x "$prefix/bin/virtiofsd" ]; then
     cargo install virtiofsd --version 1.14.0 --locked --root "$prefix" --quiet
 fi
 
-# The daemon's tests drive it with a Python client that nobody here wrote.
-if [ "$test_tools" = yes ] && ! python3 -c 'import httpx, httpx_sse' 2>/dev/null; then
-    say "installing the Python test client's packages (httpx, httpx-sse)"
-    python3 -m pip install --quiet 'httpx==0.28.1' 'httpx-sse==0.4.3'
+# The daemon's tests drive it with Python clients that nobody here wrote.
+if [ "$test_tools" = yes ] && ! python3 -c 'import httpx, httpx_sse, websockets' 2>/dev/null; then
+    say "installing the Python test clients' packages (httpx, httpx-sse, websockets)"
+    python3 -m pip install --quiet 'httpx==0.28.1' 'httpx-sse==0.4.3' 'websockets==15.0.1'
 fi
 
 if [ "$test_tools" = yes ] && [ ! -x "$prefix/bin/vhost-device-vsock" ]; then

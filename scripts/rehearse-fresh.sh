@@ -80,7 +80,7 @@ remove_setup_files() {
     # Set-up's Python test client and what it pulled in beyond a fresh
     # machine's packages (certifi, idna, sniffio and typing_extensions are
     # on one already).
-    python3 -m pip uninstall --quiet --yes httpx httpx-sse httpcore h11 anyio 2>/dev/null || true
+    python3 -m pip uninstall --quiet --yes httpx httpx-sse httpcore h11 anyio websockets 2>/dev/null || true
     rm -rf "${XDG_CACHE_HOME:-$HOME/.cache}/vmette"
     if id -u vmette-e2e >/dev/null 2>&1; then userdel -r vmette-e2e 2>/dev/null || true; fi
 }

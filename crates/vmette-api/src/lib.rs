@@ -240,6 +240,54 @@ pub struct EventData {
     pub missed_bytes: Option<u64>,
 }
 
+/// The attach WebSocket's subprotocol, also its version
+/// (`Sec-WebSocket-Protocol`).
+pub const ATTACH_PROTOCOL: &str = "v1.attach.vmette.dev";
+
+/// Over loopback TCP, a `Sec-WebSocket-Protocol` entry of this prefix and
+/// the token stands in for the `Authorization` header, which a browser's
+/// WebSocket cannot send.
+pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.vmette.dev.";
+
+/// The attach WebSocket's channels: the first byte of every binary message.
+pub mod channel {
+    /// Client to daemon: bytes for the command's stdin.
+    pub const STDIN: u8 = 0;
+    /// Daemon to client: the command's stdout, or a PTY's one stream.
+    pub const STDOUT: u8 = 1;
+    /// Daemon to client: the command's stderr.
+    pub const STDERR: u8 = 2;
+    /// Daemon to client: an [`AttachStatus`](super::AttachStatus) as JSON.
+    pub const STATUS: u8 = 3;
+    /// Client to daemon: a [`ResizeRequest`](super::ResizeRequest) as JSON.
+    pub const RESIZE: u8 = 4;
+    /// Client to daemon: close the stream named by the next byte (only
+    /// [`STDIN`] can be closed).
+    pub const CLOSE: u8 = 255;
+}
+
+/// A message on the attach WebSocket's status channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachStatus {
+    /// `exit` (the command ended; the daemon then closes the WebSocket),
+    /// `failed` (it never started; closed too), or `error` (something the
+    /// client asked for was refused; the attach goes on).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For `exit` and `failed`: the shell's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// For `exit`: `exited`, `signaled`, `timed_out` or `session_ended`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For `exit` after a signal: the signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// For `failed`, `error` and `session_ended`: one sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// A path's metadata.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stat {

@@ -40,6 +40,6 @@ pub use session::{
 pub use vmette_assets as assets;
 pub use vmette_proto::PROTOCOL_VERSION;
 pub use vmette_proto::{
-    DirEntry, FileErrorKind, FileKind, FileStat, OutputStream, PtySize, MAX_LIST_ENTRIES,
-    MAX_PTY_SIDE,
+    DirEntry, FileErrorKind, FileKind, FileStat, OutputStream, PtySize, MAX_CHUNK_LEN,
+    MAX_LIST_ENTRIES, MAX_PTY_SIDE,
 };

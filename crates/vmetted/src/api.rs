@@ -23,7 +23,8 @@ use vmette_api::{
 };
 use vmette_manager::{Managed, Manager, ManagerError};
 
-use crate::events::{Events, Next};
+use crate::attach;
+use crate::events::Events;
 use crate::files;
 
 /// Largest JSON request body.
@@ -49,15 +50,21 @@ pub struct Daemon {
     execs: Mutex<HashMap<(String, u32), Arc<Tracked>>>,
 }
 
-struct Tracked {
-    exec: Arc<Exec>,
-    events: Arc<Events>,
+pub(crate) struct Tracked {
+    pub(crate) exec: Arc<Exec>,
+    pub(crate) events: Arc<Events>,
     /// One stdin request at a time: a second would interleave its chunks
     /// with the first, and each waiting request holds a blocking thread.
-    stdin: Mutex<()>,
+    pub(crate) stdin: Mutex<()>,
+    /// Whether its output is one PTY stream.
+    pub(crate) pty: bool,
+    /// Whether it reads what is written to it (a stdin pipe, or a PTY).
+    pub(crate) takes_stdin: bool,
+    /// A WebSocket is attached: a second would split the output with it.
+    pub(crate) attached: std::sync::atomic::AtomicBool,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -187,7 +194,7 @@ impl From<vmette::Error> for ApiError {
 }
 
 /// The error and its causes as one sentence.
-fn sentence(error: &dyn std::error::Error) -> String {
+pub(crate) fn sentence(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -290,6 +297,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         )
         .route("/v1/sessions/{id}/execs/{exec}/signal", post(exec_signal))
         .route("/v1/sessions/{id}/execs/{exec}/resize", post(exec_resize))
+        .route("/v1/sessions/{id}/execs/{exec}/attach", get(attach::attach))
         // Transfers are capped by the session's transfer limit, not by the
         // JSON body limit.
         .route(
@@ -530,6 +538,9 @@ async fn create_exec(
             exec,
             events,
             stdin: Mutex::new(()),
+            pty: request.tty,
+            takes_stdin: request.stdin || request.tty,
+            attached: std::sync::atomic::AtomicBool::new(false),
         }),
     );
     // A delete that raced this exec has already forgotten its session.
@@ -545,7 +556,7 @@ async fn create_exec(
     ))
 }
 
-fn tracked(daemon: &Daemon, id: &str, exec: u32) -> ApiResult<Arc<Tracked>> {
+pub(crate) fn tracked(daemon: &Daemon, id: &str, exec: u32) -> ApiResult<Arc<Tracked>> {
     let managed = daemon.manager.get(id)?;
     lock(&daemon.execs)
         .get(&(managed.id.to_string(), exec))
@@ -570,32 +581,16 @@ async fn exec_events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let events = Arc::clone(&tracked.events);
     let stream = stream::unfold(
-        (events, after, Vec::new(), false),
-        |(events, after, mut pending, done)| async move {
-            if done {
-                return None;
+        (Arc::clone(&tracked.events), after, Vec::new()),
+        |(events, after, mut pending)| async move {
+            if pending.is_empty() {
+                pending = events.wait_next(after).await?;
+                pending.reverse();
             }
-            loop {
-                if let Some(event) = pending.pop() {
-                    return Some((
-                        Ok(sse_event(&event)),
-                        (events, after.max(event.seq()), pending, false),
-                    ));
-                }
-                let arrived = events.arrived.notified();
-                tokio::pin!(arrived);
-                arrived.as_mut().enable();
-                match events.next(after) {
-                    Next::Events(mut batch) => {
-                        batch.reverse();
-                        pending = batch;
-                    }
-                    Next::End => return None,
-                    Next::Wait => arrived.await,
-                }
-            }
+            let event = pending.pop()?;
+            let after = after.max(event.seq());
+            Some((Ok(sse_event(&event)), (events, after, pending)))
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))

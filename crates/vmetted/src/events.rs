@@ -53,6 +53,11 @@ impl Numbered {
         self.meta.seq
     }
 
+    /// Its output bytes, if it is output.
+    pub fn output(&self) -> &[u8] {
+        &self.output
+    }
+
     /// The event's data as the client gets it.
     pub fn data(&self) -> EventData {
         let mut data = self.meta.clone();
@@ -73,7 +78,7 @@ pub struct Events {
     /// Wakes the pump when a client took events, or the buffer closed.
     room: Condvar,
     /// Wakes clients when events arrive.
-    pub arrived: tokio::sync::Notify,
+    arrived: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -97,7 +102,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// What a client gets next.
-pub enum Next {
+enum Next {
     /// These events, in order.
     Events(Vec<Numbered>),
     /// Nothing yet; wait for [`Events::arrived`].
@@ -195,7 +200,7 @@ impl Events {
 
     /// The events after `after` (a client's last seen id, 0 for none),
     /// taken out of the buffer as they are handed over.
-    pub fn next(&self, after: u64) -> Next {
+    fn next(&self, after: u64) -> Next {
         let mut state = lock(&self.state);
         // An id this exec never gave out is as good as the last one.
         let after = after.min(state.next_seq.saturating_sub(1));
@@ -249,6 +254,22 @@ impl Events {
             Next::End
         } else {
             Next::Wait
+        }
+    }
+
+    /// The next events after `after`, waiting for them; `None` once the
+    /// exec ended and everything was handed over, or the buffer closed.
+    /// Cancel-safe: events are taken only in the poll that returns them.
+    pub async fn wait_next(&self, after: u64) -> Option<Vec<Numbered>> {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            match self.next(after) {
+                Next::Events(batch) => return Some(batch),
+                Next::End => return None,
+                Next::Wait => arrived.await,
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Most connections served at once; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -109,9 +109,48 @@ pub fn bind(dir: &Path) -> anyhow::Result<Bound> {
     })
 }
 
+/// Most busy answers being given at once; beyond them a connection is
+/// closed unanswered, so that a flood costs a bounded number of tasks.
+const MAX_REFUSALS: usize = 64;
+
+/// Lets connections in up to [`MAX_CONNECTIONS`], and answers the rest 503.
+pub struct Admission {
+    app: axum::Router,
+    connections: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+}
+
+impl Admission {
+    pub fn new(app: axum::Router) -> Admission {
+        Admission {
+            app,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+        }
+    }
+
+    /// Serves `stream` on its own task, or tells it the daemon is busy.
+    pub fn admit(
+        &self,
+        stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    ) {
+        if let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() {
+            tokio::spawn(serve_connection(stream, self.app.clone(), permit));
+            return;
+        }
+        tracing::warn!("refused a connection: {MAX_CONNECTIONS} are open");
+        if let Ok(permit) = Arc::clone(&self.refusals).try_acquire_owned() {
+            tokio::spawn(async move {
+                refuse_busy(stream).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
 /// Answers one request on `stream` with 503, so that a client learns the
 /// daemon is busy rather than gone, then closes it.
-async fn refuse_busy(stream: tokio::net::UnixStream) {
+async fn refuse_busy(stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin) {
     let busy = hyper::service::service_fn(|_request| async {
         let body = format!(
             r#"{{"error":{{"code":"busy","message":"{MAX_CONNECTIONS} connections are open; try again shortly"}}}}"#
@@ -136,7 +175,7 @@ async fn refuse_busy(stream: tokio::net::UnixStream) {
 /// checked for the daemon's own uid before hyper reads from it, and
 /// limited in count, head size and head time.
 pub async fn serve(listener: &UnixListener, app: axum::Router) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admission = Admission::new(app);
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     loop {
@@ -162,31 +201,45 @@ pub async fn serve(listener: &UnixListener, app: axum::Router) {
                 continue;
             }
         }
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tracing::warn!("refused a connection: {MAX_CONNECTIONS} are open");
-            tokio::spawn(refuse_busy(stream));
-            continue;
-        };
-        tokio::spawn(serve_connection(stream, app.clone(), permit));
+        admission.admit(stream);
     }
 }
 
+/// A connection's place among the [`MAX_CONNECTIONS`], in every request's
+/// extensions: a connection upgraded to a WebSocket outlives hyper's part
+/// in it, and holds its place for as long as it is open.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
 /// Serves one accepted connection with the daemon's bounds on its head
-/// (size and time), then gives its connection slot back.
-pub async fn serve_connection(
+/// (size and time); its slot is given back once neither it nor a
+/// WebSocket it became is open.
+async fn serve_connection(
     stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     app: axum::Router,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
+    let slot = ConnectionSlot {
+        _permit: Arc::new(permit),
+    };
+    let app = tower::ServiceExt::map_request(
+        app,
+        move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(slot.clone());
+            request
+        },
+    );
     let service = hyper_util::service::TowerToHyperService::new(app);
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
         .await;
     if let Err(e) = served {
         tracing::debug!("connection ended: {e}");
     }
-    drop(permit);
 }

@@ -9,6 +9,7 @@
 //! with the daemon, however it ends: the library's watchdogs see to that.
 
 mod api;
+mod attach;
 mod events;
 mod files;
 mod listener;

@@ -16,10 +16,9 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::api::ApiError;
-use crate::listener::{serve_connection, MAX_CONNECTIONS};
+use crate::listener::Admission;
 
 /// The token file's name in the socket directory.
 pub const TOKEN_NAME: &str = "token";
@@ -110,11 +109,21 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// The middleware: a bearer token, and no foreign `Origin`.
 pub async fn require_token(State(gate): State<Gate>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
+    let headers = request.headers();
+    // A browser's WebSocket cannot send an Authorization header, so the
+    // token may come as one of the offered subprotocols instead.
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| {
+            headers
+                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .find_map(|p| p.trim().strip_prefix(vmette_api::TOKEN_PROTOCOL_PREFIX))
+        })
         .unwrap_or_default();
     if !same(presented.trim().as_bytes(), gate.token.as_bytes()) {
         return ApiError::new(
@@ -142,21 +151,15 @@ pub async fn require_token(State(gate): State<Gate>, request: Request, next: Nex
 
 /// Serves `app` on `listener`, with the same bounds as the unix socket.
 pub async fn serve(listener: TcpListener, app: axum::Router) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let admission = Admission::new(app);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        match listener.accept().await {
+            Ok((stream, _)) => admission.admit(stream),
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tracing::warn!("refused a TCP connection: {MAX_CONNECTIONS} are open");
-            continue;
-        };
-        tokio::spawn(serve_connection(stream, app.clone(), permit));
+        }
     }
 }
 

@@ -38,6 +38,59 @@ impl Daemon {
         daemon
     }
 
+    /// A daemon that also serves loopback TCP on a port it picks: the
+    /// daemon, the address it reported and its token.
+    fn start_tcp(args: &[&str]) -> (Daemon, String, String) {
+        use std::io::{BufRead, BufReader};
+        let mut daemon = Daemon::start(&[]);
+        daemon.stop();
+        daemon.child = Command::new(VMETTED)
+            .arg("--socket-dir")
+            .arg(daemon.socket_dir())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("TMPDIR", daemon.tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmetted");
+        let stderr = daemon.child.stderr.take().expect("stderr");
+        let (address, reported) = std::sync::mpsc::channel();
+        // Read to the end, so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("vmetted: serving http://") {
+                    let _ = address.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let address = reported
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the TCP address");
+        daemon.wait_ready();
+        let token = std::fs::read_to_string(daemon.socket_dir().join("token")).expect("token");
+        (daemon, address, token.trim().to_string())
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL after 30 s).
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// A new daemon on the same directories, after the old one died.
     fn restart(&mut self) {
         self.child = spawn(&self.socket_dir(), self.tmp.path(), &[]);
@@ -117,17 +170,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -857,7 +900,6 @@ fn malformed_http_gets_a_4xx_and_harms_no_one() {
 
 #[test]
 fn loopback_tcp_needs_the_token() {
-    use std::io::{BufRead, BufReader};
     for refused in ["0.0.0.0:0", "192.168.1.5:0", "[::]:0"] {
         let dir = tempfile::tempdir().expect("dir");
         let output = Command::new(VMETTED)
@@ -872,29 +914,12 @@ fn loopback_tcp_needs_the_token() {
         assert_eq!(message.trim_end().lines().count(), 1, "{message}");
     }
 
-    let dir = tempfile::tempdir().expect("dir");
-    let socket_dir = dir.path().join("d");
-    let mut child = Command::new(VMETTED)
-        .arg("--socket-dir")
-        .arg(&socket_dir)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vmetted");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let address = loop {
-        let line = lines.next().expect("a line").expect("read");
-        if let Some(rest) = line.strip_prefix("vmetted: serving http://") {
-            break rest.split_whitespace().next().expect("address").to_string();
-        }
-    };
-    let token_file = socket_dir.join("token");
+    let (daemon, address, token) = Daemon::start_tcp(&[]);
+    let token_file = daemon.socket_dir().join("token");
     assert_eq!(
         std::fs::metadata(&token_file).expect("token").mode() & 0o777,
         0o600
     );
-    let token = std::fs::read_to_string(&token_file).expect("token");
     let url = format!("http://{address}/v1/status");
     let status_of = |extra: &[&str]| {
         let output = Command::new("curl")
@@ -923,13 +948,29 @@ fn loopback_tcp_needs_the_token() {
         .output()
         .expect("curl");
     let over_tcp: Value = serde_json::from_slice(&over_tcp.stdout).expect("JSON");
-    let over_unix = curl(
-        &socket_dir.join("vmetted.sock"),
-        &["http://vmette/v1/status"],
-    );
+    let over_unix = curl(&daemon.socket(), &["http://vmette/v1/status"]);
     let over_unix: Value = serde_json::from_slice(&over_unix.stdout).expect("JSON");
     assert_eq!(over_tcp, over_unix, "the same answers on both listeners");
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+}
+
+#[test]
+fn a_websocket_client_attaches() {
+    let (daemon, address, token) = Daemon::start_tcp(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/attach.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(daemon.socket())
+        .args([&address, &token])
+        .output()
+        .expect("python3 (websockets and httpx come from setup.sh --with-test-tools)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("attach client: ok"));
+    let mut daemon = daemon;
+    daemon.stop();
+    assert_clean(daemon.tmp.path());
 }
