@@ -20,6 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
+use std::sync::{mpsc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -209,6 +210,54 @@ fn watch(read_fd: RawFd, write_fd: RawFd, remove: &RemoveCommand, open_files: i3
     }
 }
 
+/// A command for the spawner thread, and where its child goes.
+type SpawnJob = (Command, mpsc::Sender<(Command, io::Result<Child>)>);
+
+/// Spawns `command` from one thread that lives as long as the process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends,
+/// not the process: a helper spawned from a short-lived thread (a thread
+/// pool's worker, a request handler) would be killed with it, taking a
+/// healthy VM down seconds after it started.
+fn spawn_from_lasting_thread(command: &mut Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<SpawnJob>();
+        let started = std::thread::Builder::new()
+            .name("vmette-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in queue {
+                    let child = command.spawn();
+                    let _ = reply.send((command, child));
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!("cannot start the spawner thread: {e}");
+        }
+        Mutex::new(jobs)
+    });
+    let (reply, replied) = mpsc::channel();
+    let job = (std::mem::replace(command, Command::new("")), reply);
+    let sent = spawner
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .send(job);
+    match sent {
+        Ok(()) => {
+            let (returned, child) = replied.recv().map_err(|_| {
+                io::Error::other("the spawner thread is gone; cannot start helpers")
+            })?;
+            *command = returned;
+            child
+        }
+        // No spawner thread could start: as a last resort, from here.
+        Err(mpsc::SendError((returned, _))) => {
+            *command = returned;
+            command.spawn()
+        }
+    }
+}
+
 /// Asks the kernel to kill this (forked) process when its parent dies.
 #[cfg(target_os = "linux")]
 fn die_with_parent(parent: i32) -> io::Result<()> {
@@ -258,7 +307,7 @@ pub fn spawn_helper(
     unsafe {
         command.pre_exec(move || die_with_parent(parent));
     }
-    let child = command.spawn()?;
+    let child = spawn_from_lasting_thread(command)?;
     watchdog.guard(child.id());
     Ok(HelperProcess {
         name: name.to_string(),

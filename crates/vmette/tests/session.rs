@@ -1,6 +1,7 @@
 //! Sessions on real VMs: many execs in one machine, sequential and at once,
 //! with their own streams, environment, stdin, signals and timeouts; a stop
-//! handle on another thread; an idle timeout; and per-exec flow control,
+//! handle on another thread; a session outliving the thread that started
+//! it; an idle timeout; and per-exec flow control,
 //! where one exec whose output nobody reads stalls nothing else.
 
 use std::thread;
@@ -151,6 +152,21 @@ fn one_session_serves_many_execs() {
         Err(vmette::Error::SessionEnded(EndReason::Stopped))
     ));
     assert_eq!(session.stop(), EndReason::Stopped);
+}
+
+#[test]
+fn a_session_outlives_the_thread_that_started_it() {
+    // A thread pool's worker that starts a session and ends: the parent-
+    // death signal of the VM's helpers must not fire with it.
+    let session = thread::spawn(|| session(None)).join().expect("starter");
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        session.end_reason(),
+        None,
+        "the session ended with its thread"
+    );
+    let output = session.exec(&sh("echo alive")).expect("exec").output(LIMIT);
+    assert_eq!(output.stdout, b"alive\n");
 }
 
 #[test]
