@@ -154,7 +154,14 @@ pub async fn serve(listener: TcpListener, app: axum::Router) {
     let admission = Admission::new(app);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => admission.admit(stream),
+            Ok((stream, _)) => {
+                // Event streams are many small writes; Nagle's algorithm
+                // with the client's delayed acks would hold each for 40 ms.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!("cannot set TCP_NODELAY: {e}");
+                }
+                admission.admit(stream);
+            }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
