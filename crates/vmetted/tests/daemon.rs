@@ -974,3 +974,24 @@ fn a_websocket_client_attaches() {
     daemon.stop();
     assert_clean(daemon.tmp.path());
 }
+
+#[test]
+fn the_daemon_stays_flat_under_load_and_dropped_clients() {
+    let daemon = Daemon::start(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/load.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(daemon.socket())
+        .arg(daemon.child.id().to_string())
+        .output()
+        .expect("python3 (httpx, httpx-sse and websockets come from setup.sh --with-test-tools)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // The figures, for whoever reads the test's output.
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("load: ok"));
+}
