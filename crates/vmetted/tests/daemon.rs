@@ -3,8 +3,10 @@
 //! Server-Sent Events, stdin, reconnection with `Last-Event-ID`, errors and
 //! limits; the socket's modes and the lock; SIGKILL of the daemon leaving
 //! nothing behind; and connections from other users refused before any
-//! response.
+//! response; Python clients (httpx, websockets) for the attach WebSocket,
+//! and a load test with clients that hang up mid-stream.
 
+use std::ffi::OsStr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -755,22 +757,38 @@ fn files_and_trees_over_the_socket() {
     assert_eq!((out, code), (b"file 1\nfile 1\n".to_vec(), 0));
 }
 
+/// Runs one of the Python clients in `tests/` (their packages come from
+/// `setup.sh --with-test-tools`) and checks that it printed `done`; its
+/// output, for whoever reads the test's.
+fn python_client(script: &str, args: &[&OsStr], done: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let output = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{} failed: {stdout}{}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(done), "{stdout}");
+    stdout
+}
+
 #[test]
 fn a_python_client_with_httpx_works() {
     let daemon = Daemon::start(&[]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/client.py");
-    let output = Command::new("python3")
-        .arg(script)
-        .arg(daemon.socket())
-        .output()
-        .expect("python3 (httpx and httpx-sse come from setup.sh --with-test-tools)");
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    python_client(
+        "client.py",
+        &[daemon.socket().as_os_str()],
+        "python client: ok",
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("python client: ok"));
 }
 
 /// The `curl` commands of `docs/api.md`, in order, continuation lines
@@ -955,22 +973,13 @@ fn loopback_tcp_needs_the_token() {
 
 #[test]
 fn a_websocket_client_attaches() {
-    let (daemon, address, token) = Daemon::start_tcp(&[]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/attach.py");
-    let output = Command::new("python3")
-        .arg(script)
-        .arg(daemon.socket())
-        .args([&address, &token])
-        .output()
-        .expect("python3 (websockets and httpx come from setup.sh --with-test-tools)");
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let (mut daemon, address, token) = Daemon::start_tcp(&[]);
+    let socket = daemon.socket();
+    python_client(
+        "attach.py",
+        &[socket.as_os_str(), address.as_ref(), token.as_ref()],
+        "attach client: ok",
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("attach client: ok"));
-    let mut daemon = daemon;
     daemon.stop();
     assert_clean(daemon.tmp.path());
 }
@@ -978,20 +987,10 @@ fn a_websocket_client_attaches() {
 #[test]
 fn the_daemon_stays_flat_under_load_and_dropped_clients() {
     let daemon = Daemon::start(&[]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/load.py");
-    let output = Command::new("python3")
-        .arg(script)
-        .arg(daemon.socket())
-        .arg(daemon.child.id().to_string())
-        .output()
-        .expect("python3 (httpx, httpx-sse and websockets come from setup.sh --with-test-tools)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    // The figures, for whoever reads the test's output.
-    eprintln!("{stdout}");
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let pid = daemon.child.id().to_string();
+    python_client(
+        "load.py",
+        &[daemon.socket().as_os_str(), pid.as_ref()],
+        "load: ok",
     );
-    assert!(stdout.contains("load: ok"));
 }
