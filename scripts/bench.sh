@@ -63,6 +63,7 @@ PY
 # more runs than boots: each is milliseconds) and file throughput.
 cargo run --release --quiet -p vmette --example session_bench -- $(( runs * 20 )) $(( runs * 10 ))
 
-# The same exec round trip through vmetted's HTTP API, and the daemon's
-# resident memory with no session and with four idle ones.
+# The same exec round trip through vmetted's HTTP API, on the unix socket
+# and on loopback TCP; the exec rate of four clients at once; and the
+# daemon's resident memory with no session and with four idle ones.
 cargo run --release --quiet -p vmetted --example daemon_bench -- $(( runs * 20 ))

@@ -31,6 +31,7 @@ const EXAMPLES: &str = "\
 Examples:
   vmetted
   vmetted --max-sessions 4 --max-memory 8G --idle-timeout 10m
+  vmetted --listen 127.0.0.1:0
   curl --unix-socket $XDG_RUNTIME_DIR/vmette/vmetted.sock http://vmette/v1/status";
 
 /// Serve vmette sessions over HTTP on a unix socket.
