@@ -26,6 +26,7 @@ use vmette_manager::{Managed, Manager, ManagerError};
 use crate::attach;
 use crate::events::Events;
 use crate::files;
+use crate::stdin;
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
@@ -53,9 +54,10 @@ pub struct Daemon {
 pub(crate) struct Tracked {
     pub(crate) exec: Arc<Exec>,
     pub(crate) events: Arc<Events>,
-    /// One stdin request at a time: a second would interleave its chunks
-    /// with the first, and each waiting request holds a blocking thread.
-    pub(crate) stdin: Mutex<()>,
+    /// One stdin writer at a time: a second would interleave its chunks
+    /// with the first. A request that finds it taken gets 409; an
+    /// attached client's writes wait their turn.
+    pub(crate) stdin: tokio::sync::Mutex<()>,
     /// Whether its output is one PTY stream.
     pub(crate) pty: bool,
     /// Whether it reads what is written to it (a stdin pipe, or a PTY).
@@ -537,7 +539,7 @@ async fn create_exec(
         Arc::new(Tracked {
             exec,
             events,
-            stdin: Mutex::new(()),
+            stdin: tokio::sync::Mutex::new(()),
             pty: request.tty,
             takes_stdin: request.stdin || request.tty,
             attached: std::sync::atomic::AtomicBool::new(false),
@@ -610,21 +612,15 @@ async fn exec_stdin(
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<StatusCode> {
     let tracked = tracked(&daemon, &id, exec)?;
-    blocking(move || {
-        let Ok(_writing) = tracked.stdin.try_lock() else {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "busy",
-                "another stdin write to this exec is in progress; wait for it",
-            ));
-        };
-        tracked
-            .exec
-            .stdin()
-            .write_all_within(&body, Some(STDIN_PATIENCE))
-            .map_err(ApiError::from)
-    })
-    .await?;
+    let Ok(_writing) = tracked.stdin.try_lock() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "busy",
+            "another stdin write to this exec is in progress; wait for it",
+        ));
+    };
+    // Dropped with the request if the client hangs up, bytes and all.
+    stdin::write(&tracked.exec, body, Some(STDIN_PATIENCE)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -7,27 +7,32 @@
 //! the subprotocol [`ATTACH_PROTOCOL`] is the version. Output comes from
 //! the same buffer as the SSE route, a send at a time, so a client that
 //! does not read pauses the exec rather than growing a queue here. Stdin
-//! goes through a small queue to a writer of its own, so that a command
-//! that does not read its input cannot stop its output from flowing. One
-//! client attaches to an exec at a time; a second would split its output.
+//! goes through a small queue to a writer task of its own; while the queue
+//! is full the client's messages wait unread, but output, pings and the
+//! exit still flow, so a command that does not read its input cannot stop
+//! its output. One client attaches to an exec at a time; a second would
+//! split its output.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
-use tokio::sync::mpsc;
-use vmette::{ExecStdin, PtySize, MAX_CHUNK_LEN};
+use futures_util::SinkExt;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use vmette::{PtySize, MAX_CHUNK_LEN};
 use vmette_api::{channel, AttachStatus, ResizeRequest, ATTACH_PROTOCOL};
 
-use crate::api::{lock, sentence, tracked, ApiError, ApiPath, ApiResult, Daemon, Tracked};
+use crate::api::{sentence, tracked, ApiError, ApiPath, ApiResult, Daemon, Tracked};
 use crate::events::Numbered;
 use crate::listener::ConnectionSlot;
+use crate::stdin;
 
 /// Largest message (and frame) a client may send: one stdin chunk and its
 /// channel byte. Anything larger closes the connection with 1009.
@@ -45,10 +50,6 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// Stdin messages waiting for the command to read them; beyond these, the
 /// client's further messages wait unread.
 const STDIN_QUEUE: usize = 4;
-
-/// How long one stdin write waits for room before it looks whether the
-/// client is still there.
-const STDIN_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// `GET /v1/sessions/{id}/execs/{exec}/attach`: the WebSocket upgrade.
 pub async fn attach(
@@ -101,12 +102,13 @@ impl Drop for Attached {
 
 /// What the client asked for stdin, in order.
 enum Input {
-    Data(Vec<u8>),
+    Data(Bytes),
     Close,
 }
 
-/// How one attach ends: with a close frame for the client, or because the
-/// client went away.
+/// How one attach ends: the close frame the client is sent (`None`
+/// answers a close the client began, or flushes one the WebSocket layer
+/// queued for a protocol error).
 type Ending = Option<CloseFrame>;
 
 fn closing(code: u16, reason: &str) -> Ending {
@@ -118,38 +120,53 @@ fn closing(code: u16, reason: &str) -> Ending {
 
 async fn serve(mut socket: WebSocket, attached: Attached) {
     let tracked = &attached.0;
-    let gone = Arc::new(AtomicBool::new(false));
-    let (stdin, mut refused) = start_stdin_writer(Arc::clone(tracked), Arc::clone(&gone));
+    let (stdin, mut refused, writer) = start_stdin_writer(Arc::clone(tracked));
+    // Aborted when the attach ends, however it does: a write waiting for
+    // the guest's room stops with it.
+    let _writer = AbortOnDrop(writer);
     let mut after = 0;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut heard = Instant::now();
+    // A stdin message the full queue has no room for yet; until it has,
+    // the client's next messages stay unread.
+    let mut waiting: Option<Input> = None;
     let ending = loop {
         tokio::select! {
-            message = socket.recv() => {
+            message = socket.recv(), if waiting.is_none() => {
                 heard = Instant::now();
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(error)) => break failure(&error),
-                    None => break None,
+                    None => return,
                 };
                 match message {
-                    Message::Binary(bytes) => {
-                        match received(tracked, &stdin, &bytes).await {
-                            Received::Fine => {}
-                            Received::Refused(message) => {
-                                if send_status(&mut socket, error_status(message)).await.is_err() {
-                                    break None;
-                                }
+                    Message::Binary(bytes) => match received(tracked, &bytes) {
+                        Received::Input(input) => {
+                            if let Err(TrySendError::Full(input)) = stdin.try_send(input) {
+                                waiting = Some(input);
                             }
-                            Received::Violation(ending) => break ending,
                         }
-                    }
+                        Received::Fine => {}
+                        Received::Refused(message) => {
+                            if send_status(&mut socket, error_status(message)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Received::Violation(ending) => break ending,
+                    },
                     Message::Text(_) => {
                         break closing(close_code::UNSUPPORTED, "only binary messages are understood")
                     }
                     Message::Ping(_) | Message::Pong(_) => {}
                     Message::Close(_) => break None,
                 }
+            }
+            room = stdin.reserve(), if waiting.is_some() => {
+                if let (Ok(room), Some(input)) = (room, waiting.take()) {
+                    room.send(input);
+                }
+                // Nothing was read meanwhile, so silence was not the client's.
+                heard = Instant::now();
             }
             batch = tracked.events.wait_next(after) => {
                 let Some(batch) = batch else {
@@ -158,27 +175,32 @@ async fn serve(mut socket: WebSocket, attached: Attached) {
                 match forward(&mut socket, &mut after, batch, tracked.pty).await {
                     Ok(false) => {}
                     Ok(true) => break closing(close_code::NORMAL, "the command ended"),
-                    Err(()) => break None,
+                    Err(()) => return,
                 }
             }
             Some(message) = refused.recv() => {
                 if send_status(&mut socket, error_status(message)).await.is_err() {
-                    break None;
+                    return;
                 }
             }
             _ = ping.tick() => {
-                if heard.elapsed() > SILENCE_LIMIT {
+                if waiting.is_none() && heard.elapsed() > SILENCE_LIMIT {
                     break closing(close_code::AWAY, "no pong for a minute");
                 }
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    break None;
+                    return;
                 }
             }
         }
     };
-    gone.store(true, Ordering::SeqCst);
-    if let Some(frame) = ending {
-        let _ = socket.send(Message::Close(Some(frame))).await;
+    let began_by_us = ending.is_some();
+    if began_by_us {
+        let _ = socket.send(Message::Close(ending)).await;
+    }
+    // Sends what the WebSocket layer queued: the answer to a close the
+    // client began, or the close for a protocol error.
+    let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(&mut socket)).await;
+    if began_by_us {
         // The client's close, briefly: then the connection ends cleanly.
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Some(Ok(message)) = socket.recv().await {
@@ -191,11 +213,20 @@ async fn serve(mut socket: WebSocket, attached: Attached) {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How a read failed, as what the client is told: an oversized message
-/// gets 1009; anything else was a broken connection or protocol.
+/// gets 1009; for a protocol error, the close the WebSocket layer queued.
 fn failure(error: &axum::Error) -> Ending {
-    let text = sentence(error);
-    if text.contains("Message too long") || text.contains("Frame too long") {
+    let text = error.to_string();
+    if text.contains("Message too long") {
         closing(
             close_code::SIZE,
             &format!("messages may have at most {MAX_MESSAGE} bytes"),
@@ -208,6 +239,8 @@ fn failure(error: &axum::Error) -> Ending {
 
 /// What came of one client message.
 enum Received {
+    /// Stdin for the writer.
+    Input(Input),
     Fine,
     /// Refused, with a sentence for the status channel; the attach goes on.
     Refused(String),
@@ -215,7 +248,7 @@ enum Received {
     Violation(Ending),
 }
 
-async fn received(tracked: &Tracked, stdin: &mpsc::Sender<Input>, bytes: &[u8]) -> Received {
+fn received(tracked: &Tracked, bytes: &[u8]) -> Received {
     let Some((&kind, payload)) = bytes.split_first() else {
         return Received::Violation(closing(
             close_code::POLICY,
@@ -223,19 +256,10 @@ async fn received(tracked: &Tracked, stdin: &mpsc::Sender<Input>, bytes: &[u8]) 
         ));
     };
     match kind {
-        channel::STDIN => {
-            if !tracked.takes_stdin {
-                return Received::Refused(
-                    "this exec reads no stdin; create it with \"stdin\": true".into(),
-                );
-            }
-            // Waits while the queue is full: the client's next messages
-            // stay unread until the command reads.
-            if stdin.send(Input::Data(payload.to_vec())).await.is_err() {
-                return Received::Violation(None);
-            }
-            Received::Fine
+        channel::STDIN if !tracked.takes_stdin => {
+            Received::Refused("this exec reads no stdin; create it with \"stdin\": true".into())
         }
+        channel::STDIN => Received::Input(Input::Data(Bytes::copy_from_slice(payload))),
         channel::RESIZE => {
             let size: ResizeRequest = match serde_json::from_slice(payload) {
                 Ok(size) => size,
@@ -251,18 +275,13 @@ async fn received(tracked: &Tracked, stdin: &mpsc::Sender<Input>, bytes: &[u8]) 
                 Err(e) => Received::Refused(sentence(&e)),
             }
         }
-        channel::CLOSE => {
-            if payload != [channel::STDIN] {
-                return Received::Refused("only stdin (channel 0) can be closed".into());
-            }
-            if !tracked.takes_stdin {
-                return Received::Refused("this exec reads no stdin to close".into());
-            }
-            if stdin.send(Input::Close).await.is_err() {
-                return Received::Violation(None);
-            }
-            Received::Fine
+        channel::CLOSE if payload != [channel::STDIN] => {
+            Received::Refused("only stdin (channel 0) can be closed".into())
         }
+        channel::CLOSE if !tracked.takes_stdin => {
+            Received::Refused("this exec reads no stdin to close".into())
+        }
+        channel::CLOSE => Received::Input(Input::Close),
         other => Received::Violation(closing(
             close_code::POLICY,
             &format!("channel {other} is not one a client sends on"),
@@ -328,41 +347,29 @@ async fn send_status(socket: &mut WebSocket, status: AttachStatus) -> Result<(),
         .map_err(|_| ())
 }
 
-/// Starts the writer that feeds the exec's stdin, on a blocking thread
-/// that ends once the attach does. Its refusals come back as sentences.
+/// Starts the task that feeds the exec's stdin, in order. Its refusals
+/// come back as sentences.
 fn start_stdin_writer(
     tracked: Arc<Tracked>,
-    gone: Arc<AtomicBool>,
-) -> (mpsc::Sender<Input>, mpsc::Receiver<String>) {
+) -> (
+    mpsc::Sender<Input>,
+    mpsc::Receiver<String>,
+    tokio::task::JoinHandle<()>,
+) {
     let (inputs, mut queue) = mpsc::channel(STDIN_QUEUE);
     let (refusals, refused) = mpsc::channel(1);
-    tokio::task::spawn_blocking(move || {
-        let stdin = tracked.exec.stdin();
-        while let Some(input) = queue.blocking_recv() {
+    let writer = tokio::spawn(async move {
+        while let Some(input) = queue.recv().await {
             // A stdin request over HTTP finishes first.
-            let _writing = lock(&tracked.stdin);
+            let _writing = tracked.stdin.lock().await;
             let written = match input {
-                Input::Data(data) => write_patiently(&stdin, &data, &gone),
-                Input::Close => stdin.close(),
+                Input::Data(data) => stdin::write(&tracked.exec, data, None).await,
+                Input::Close => tracked.exec.close_stdin(),
             };
-            if gone.load(Ordering::SeqCst) {
-                return;
-            }
             if let Err(e) = written {
                 let _ = refusals.try_send(sentence(&e));
             }
         }
     });
-    (inputs, refused)
-}
-
-/// Writes `data` (at most one chunk, so all or nothing of it) once the
-/// command has room, for as long as the client is attached.
-fn write_patiently(stdin: &ExecStdin, data: &[u8], gone: &AtomicBool) -> Result<(), vmette::Error> {
-    loop {
-        match stdin.write_all_within(data, Some(STDIN_CHECK_EVERY)) {
-            Err(vmette::Error::StdinFull(_)) if !gone.load(Ordering::SeqCst) => {}
-            written => return written,
-        }
-    }
+    (inputs, refused, writer)
 }

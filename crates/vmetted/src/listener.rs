@@ -113,29 +113,31 @@ pub fn bind(dir: &Path) -> anyhow::Result<Bound> {
 /// closed unanswered, so that a flood costs a bounded number of tasks.
 const MAX_REFUSALS: usize = 64;
 
-/// Lets connections in up to [`MAX_CONNECTIONS`], and answers the rest 503.
+/// Lets connections in up to [`MAX_CONNECTIONS`], and answers the rest
+/// 503: one count for every listener of the daemon.
+#[derive(Clone)]
 pub struct Admission {
-    app: axum::Router,
     connections: Arc<Semaphore>,
     refusals: Arc<Semaphore>,
 }
 
 impl Admission {
-    pub fn new(app: axum::Router) -> Admission {
+    pub fn new() -> Admission {
         Admission {
-            app,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
         }
     }
 
-    /// Serves `stream` on its own task, or tells it the daemon is busy.
+    /// Serves `stream` with `app` on its own task, or tells it the daemon
+    /// is busy.
     pub fn admit(
         &self,
         stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        app: &axum::Router,
     ) {
         if let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() {
-            tokio::spawn(serve_connection(stream, self.app.clone(), permit));
+            tokio::spawn(serve_connection(stream, app.clone(), permit));
             return;
         }
         tracing::warn!("refused a connection: {MAX_CONNECTIONS} are open");
@@ -174,8 +176,7 @@ async fn refuse_busy(stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite +
 /// Serves `app` on `listener` until the process ends: each connection is
 /// checked for the daemon's own uid before hyper reads from it, and
 /// limited in count, head size and head time.
-pub async fn serve(listener: &UnixListener, app: axum::Router) {
-    let admission = Admission::new(app);
+pub async fn serve(listener: &UnixListener, app: axum::Router, admission: Admission) {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     loop {
@@ -201,7 +202,7 @@ pub async fn serve(listener: &UnixListener, app: axum::Router) {
                 continue;
             }
         }
-        admission.admit(stream);
+        admission.admit(stream, &app);
     }
 }
 

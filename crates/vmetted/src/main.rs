@@ -13,6 +13,7 @@ mod attach;
 mod events;
 mod files;
 mod listener;
+mod stdin;
 mod tcp;
 
 use std::path::PathBuf;
@@ -135,6 +136,7 @@ fn serve(args: Args) -> anyhow::Result<()> {
         .build()?;
     let lock = runtime.block_on(async {
         let bound = listener::bind(&dir)?;
+        let admission = listener::Admission::new();
         eprintln!("vmetted: serving {}", bound.socket.0.display());
         if let Some(address) = listen {
             let token = tcp::token(&dir)?;
@@ -151,7 +153,7 @@ fn serve(args: Args) -> anyhow::Result<()> {
                 "vmetted: serving http://{address} (bearer token in {})",
                 dir.join(tcp::TOKEN_NAME).display()
             );
-            tokio::spawn(tcp::serve(tcp, app));
+            tokio::spawn(tcp::serve(tcp, app, admission.clone()));
         }
         let sweeper = Arc::clone(&daemon);
         tokio::spawn(async move {
@@ -163,7 +165,7 @@ fn serve(args: Args) -> anyhow::Result<()> {
         });
         let app = api::router(Arc::clone(&daemon));
         tokio::select! {
-            () = listener::serve(&bound.listener, app) => {}
+            () = listener::serve(&bound.listener, app, admission) => {}
             () = shutdown_signal() => {}
         }
         // The socket goes first, so no new client reaches a daemon that is

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
@@ -107,25 +107,40 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer` header (the scheme's case does
+/// not matter).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// The token a WebSocket upgrade offers as a subprotocol: a browser's
+/// WebSocket cannot send an Authorization header. Only on an upgrade, so
+/// that it is not a second way in for every route.
+fn websocket_token(headers: &HeaderMap) -> Option<&str> {
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return None;
+    }
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(vmette_api::TOKEN_PROTOCOL_PREFIX))
+}
+
 /// The middleware: a bearer token, and no foreign `Origin`.
 pub async fn require_token(State(gate): State<Gate>, request: Request, next: Next) -> Response {
     let headers = request.headers();
-    // A browser's WebSocket cannot send an Authorization header, so the
-    // token may come as one of the offered subprotocols instead.
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| {
-            headers
-                .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .find_map(|p| p.trim().strip_prefix(vmette_api::TOKEN_PROTOCOL_PREFIX))
-        })
-        .unwrap_or_default();
-    if !same(presented.trim().as_bytes(), gate.token.as_bytes()) {
+    let presented = bearer(headers).or_else(|| websocket_token(headers));
+    if !presented.is_some_and(|token| same(token.as_bytes(), gate.token.as_bytes())) {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -133,25 +148,25 @@ pub async fn require_token(State(gate): State<Gate>, request: Request, next: Nex
         )
         .into_response();
     }
-    if let Some(origin) = request.headers().get(header::ORIGIN) {
-        let allowed = origin
+    // Every Origin header, in case a client sends more than one.
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    if !origins.all(|origin| {
+        origin
             .to_str()
-            .is_ok_and(|o| gate.origins.iter().any(|a| a == o));
-        if !allowed {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_origin",
-                "requests from web pages of other origins are refused",
-            )
-            .into_response();
-        }
+            .is_ok_and(|o| gate.origins.iter().any(|a| a == o))
+    }) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "requests from web pages of other origins are refused",
+        )
+        .into_response();
     }
     next.run(request).await
 }
 
 /// Serves `app` on `listener`, with the same bounds as the unix socket.
-pub async fn serve(listener: TcpListener, app: axum::Router) {
-    let admission = Admission::new(app);
+pub async fn serve(listener: TcpListener, app: axum::Router, admission: Admission) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -160,7 +175,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router) {
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!("cannot set TCP_NODELAY: {e}");
                 }
-                admission.admit(stream);
+                admission.admit(stream, &app);
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -188,6 +203,35 @@ mod tests {
         ] {
             assert!(loopback_only(bad.parse().expect("addr")).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_token_comes_from_a_bearer_header_or_a_websocket_subprotocol() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, value.parse().expect("a header value"));
+            }
+            map
+        };
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let value = format!("{scheme} abc");
+            assert_eq!(bearer(&headers(&[("authorization", &value)])), Some("abc"));
+        }
+        assert_eq!(bearer(&headers(&[("authorization", "Basic abc")])), None);
+        let offered = (
+            "sec-websocket-protocol",
+            "v1.attach.vmette.dev, bearer.vmette.dev.abc",
+        );
+        assert_eq!(
+            websocket_token(&headers(&[("upgrade", "websocket"), offered])),
+            Some("abc")
+        );
+        assert_eq!(
+            websocket_token(&headers(&[offered])),
+            None,
+            "only an upgrade may carry the token so"
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 httpx for the REST calls) only, as a browser terminal or an agent would:
 it drives a shell on a PTY (typing, a resize that `stty size` reports, the
 exit status from the status channel), reads a plain exec's stdout and
-stderr on their own channels, writes and closes stdin, and checks that a
+stderr on their own channels, writes and closes stdin, floods the stdin of
+a command that never reads it and still gets its output, and checks that a
 second attach, a missing subprotocol, an oversized message, a text
 message and an unknown channel are refused while the session stays
 usable. Given a TCP address and token, it attaches there too, with the
@@ -133,6 +134,45 @@ async def main(socket, tcp=None, token=None):
         status = await a.until_status("exit")
         assert status["exit_code"] == 0, status
         assert a.out[STDOUT] == b"hello\n", a.out
+
+    # The client's own close is answered.
+    ticker = exec_(argv=["sh", "-c", "while :; do echo tick; sleep 0.1; done"], stdin=True)
+    async with attach(socket, session, ticker) as ws:
+        await Attached(ws).until_output("tick")
+        await ws.close()
+        assert ws.close_code == 1000, ws.close_code
+
+    # A command that never reads its stdin, flooded with it: its output
+    # still flows. (The client's further messages wait unread, a close
+    # too, so this client hangs up.)
+    async with attach(socket, session, ticker) as ws:
+        a = Attached(ws)
+
+        async def flood():
+            for _ in range(64):
+                await a.type("x" * 65536)
+
+        flooding = asyncio.create_task(flood())
+        await asyncio.sleep(1)
+        assert not flooding.done(), "4 MiB of stdin went into a command that reads none"
+        a.out[STDOUT] = b""
+        await a.until_output("tick\ntick\ntick\n")
+        flooding.cancel()
+        ws.transport.abort()
+    # The exec is free for the next client as soon as the daemon has seen
+    # the hang-up.
+    for _ in range(50):
+        try:
+            async with attach(socket, session, ticker) as ws:
+                await Attached(ws).until_output("tick")
+                break
+        except InvalidStatus as refused:
+            assert refused.response.status_code == 409, refused.response.status_code
+            await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the exec stayed attached after its client left")
+    signalled = client.post(f"/v1/sessions/{session}/execs/{ticker}/signal", json={"signal": 9})
+    assert signalled.status_code == 204, signalled.text
 
     # No subprotocol: refused before the upgrade.
     sleeper = exec_(argv=["sleep", "600"], stdin=True)

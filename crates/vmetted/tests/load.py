@@ -6,9 +6,11 @@ the daemon's open descriptors, resident memory and exec pump threads from
 1. 4 clients at once, 25 execs each on one session: every output and
    exit code right; afterwards the same descriptors and at most
    RSS_BOUND_KIB more memory than after a warm-up.
-2. 50 clients that hang up mid-stream (20 reading events, 15 half-way
-   through an upload, 15 attached over a WebSocket): afterwards the same
-   descriptors again, no pump thread left, and the session still serves.
+2. 50 clients that hang up mid-stream (15 reading events, 10 half-way
+   through an upload, 10 while a megabyte of stdin waits for a command
+   that does not read it, 15 attached over a WebSocket): afterwards the
+   same descriptors again, no pump thread left, memory within the bound,
+   and the session still serves.
 3. The session deleted: the descriptors the daemon had before it.
 
 Prints the figures and "load: ok".
@@ -29,7 +31,7 @@ from httpx_sse import aconnect_sse
 from websockets.asyncio.client import unix_connect
 
 CLIENTS, EXECS_EACH = 4, 25
-SSE_DROPS, UPLOAD_DROPS, ATTACH_DROPS = 20, 15, 15
+SSE_DROPS, UPLOAD_DROPS, STDIN_DROPS, ATTACH_DROPS = 15, 10, 10, 15
 # Allocator arenas and tokio's thread pool settle at a few hundred KiB; a
 # leak of even a small buffer per exec or per dropped client (150 in all)
 # would pass this bound.
@@ -136,6 +138,19 @@ async def drop_mid_upload(socket, n):
     raw.close()
 
 
+async def drop_mid_stdin(socket, http):
+    exec_id = await start(http, ["sleep", "600"], stdin=True)
+    raw = rude_socket(socket)
+    head = (
+        f"POST /v1/sessions/load/execs/{exec_id}/stdin HTTP/1.1\r\nhost: vmette\r\n"
+        f"content-type: application/octet-stream\r\ncontent-length: {1 << 20}\r\n\r\n"
+    )
+    raw.sendall(head.encode() + b"s" * (1 << 20))
+    await asyncio.sleep(0.2)
+    raw.close()
+    await kill(http, exec_id)
+
+
 async def drop_mid_attach(socket, http):
     exec_id = await start(http, TICKER, stdin=True)
     ws = await unix_connect(
@@ -162,6 +177,7 @@ async def main(socket, pid):
             assert await run(http, ["echo", f"warm-{i}"]) == (f"warm-{i}\n".encode(), 0)
         await drop_mid_stream(socket, http)
         await drop_mid_upload(socket, 0)
+        await drop_mid_stdin(socket, http)
         await drop_mid_attach(socket, http)
     await asyncio.sleep(1)
     warm_fds = fds(pid)
@@ -190,6 +206,8 @@ async def main(socket, pid):
             await drop_mid_stream(socket, http)
         for n in range(UPLOAD_DROPS):
             await drop_mid_upload(socket, n + 1)
+        for _ in range(STDIN_DROPS):
+            await drop_mid_stdin(socket, http)
         for _ in range(ATTACH_DROPS):
             await drop_mid_attach(socket, http)
     await settled(pid, warm_fds, "after 50 dropped clients")
@@ -199,7 +217,7 @@ async def main(socket, pid):
     assert pump_threads(pid) == 0, f"{pump_threads(pid)} exec pumps left"
     dropped_rss = rss_kib(pid)
     print(
-        f"load: {SSE_DROPS + UPLOAD_DROPS + ATTACH_DROPS} dropped clients; "
+        f"load: {SSE_DROPS + UPLOAD_DROPS + STDIN_DROPS + ATTACH_DROPS} dropped clients; "
         f"RSS {loaded_rss} -> {dropped_rss} KiB, {warm_fds} descriptors before and after"
     )
     assert dropped_rss - warm_rss <= RSS_BOUND_KIB, (warm_rss, dropped_rss)
