@@ -197,7 +197,7 @@ fn sessions_end_for_the_guests_power_off_and_their_timeout() {
     );
 
     let mut config = Config::default_machine();
-    config.timeout = Some(Duration::from_secs(8));
+    config.timeout = Some(Duration::from_secs(20));
     let session = vmette::start_session(&config).expect("session");
     let status = session
         .exec(&ExecSpec::new(["sleep", "100"]))
