@@ -78,23 +78,34 @@ pub struct SessionRequest {
     /// Guest memory, MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 128, maximum = 262144))]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub memory_mib: Option<u32>,
     /// Virtual CPUs.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub vcpus: Option<u8>,
     /// An ephemeral ext4 disk for the root's writes, MiB (not with a
     /// writable directory `rootfs`, which has no overlay).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 16, maximum = 65536))]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub scratch_mib: Option<u64>,
     /// End the session after this long.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = "uint64", maximum = 18446744073709551615_u64, minimum = 1)
+    )]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub timeout_s: Option<u64>,
     /// End it after this long without an exec.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = "uint64", maximum = 18446744073709551615_u64, minimum = 1)
+    )]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub idle_timeout_s: Option<u64>,
     /// Host directories to mount (read-only unless `writable`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -218,13 +229,20 @@ pub struct ExecRequest {
     /// The PTY's rows (default 24).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::optional")]
     pub rows: Option<u16>,
     /// The PTY's columns (default 80).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::optional")]
     pub cols: Option<u16>,
     /// Kill the command after this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = "uint64", maximum = 18446744073709551615_u64)
+    )]
+    #[serde(deserialize_with = "whole::optional")]
     pub timeout_ms: Option<u64>,
 }
 
@@ -245,6 +263,7 @@ pub struct ExecInfo {
 pub struct SignalRequest {
     /// 1 to 31.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 31))]
+    #[serde(deserialize_with = "whole::number")]
     pub signal: i32,
 }
 
@@ -255,9 +274,11 @@ pub struct SignalRequest {
 pub struct ResizeRequest {
     /// Rows.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::number")]
     pub rows: u16,
     /// Columns.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::number")]
     pub cols: u16,
 }
 
@@ -352,6 +373,65 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// Whole numbers however JSON spells them: `93` and `93.0` are the same
+/// integer to JSON Schema, and so to the daemon.
+mod whole {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+    use serde::Deserialize;
+
+    struct Whole<T>(PhantomData<T>);
+
+    impl<T: TryFrom<u64> + TryFrom<i64>> Visitor<'_> for Whole<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number in range")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+            // Only values that u64 or i64 hold exactly; 2^64 itself is not.
+            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                self.visit_u64(v as u64)
+            } else if v.fract() == 0.0 && (-9_223_372_036_854_775_808.0..0.0).contains(&v) {
+                self.visit_i64(v as i64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    pub fn number<'de, D: Deserializer<'de>, T: TryFrom<u64> + TryFrom<i64>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        d.deserialize_any(Whole(PhantomData))
+    }
+
+    struct Present<T>(T);
+
+    impl<'de, T: TryFrom<u64> + TryFrom<i64>> Deserialize<'de> for Present<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            number(d).map(Present)
+        }
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>, T: TryFrom<u64> + TryFrom<i64>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        Option::<Present<T>>::deserialize(d).map(|v| v.map(|Present(v)| v))
+    }
+}
+
 /// Schemas that the derive cannot say by itself: fixed sets of words, and
 /// rules on items of a list or names of a map.
 #[cfg(feature = "openapi")]
@@ -401,5 +481,29 @@ mod schemas {
             .additional_properties(Some(text(NO_NUL)))
             .property_names(Some(text(r"^[^=\u0000]+$")))
             .max_properties(Some(4096))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_may_be_spelt_as_floats() {
+        let r: ResizeRequest =
+            serde_json::from_str(r#"{"rows": 40.0, "cols": 120}"#).expect("whole");
+        assert_eq!((r.rows, r.cols), (40, 120));
+        for bad in [
+            r#"{"rows": 40.5, "cols": 1}"#,
+            r#"{"rows": 70000, "cols": 1}"#,
+            r#"{"rows": -1.0, "cols": 1}"#,
+        ] {
+            assert!(serde_json::from_str::<ResizeRequest>(bad).is_err(), "{bad}");
+        }
+        let s: SessionRequest =
+            serde_json::from_str(r#"{"vcpus": 2.0, "timeout_s": null}"#).expect("whole");
+        assert_eq!((s.vcpus, s.timeout_s, s.memory_mib), (Some(2), None, None));
+        let e: ExecRequest = serde_json::from_str(r#"{"argv": ["x"]}"#).expect("defaults");
+        assert_eq!(e.timeout_ms, None);
     }
 }

@@ -53,6 +53,8 @@ pub struct Daemon {
 struct Tracked {
     exec: Arc<Exec>,
     events: Arc<Events>,
+    /// Started on a PTY, so it can be resized.
+    tty: bool,
     /// One stdin request at a time: a second would interleave its chunks
     /// with the first, and each waiting request holds a blocking thread.
     stdin: Mutex<()>,
@@ -165,6 +167,7 @@ impl From<vmette::Error> for ApiError {
             vmette::Error::SessionEnded(_) => {
                 ApiError::new(StatusCode::GONE, "session_ended", message)
             }
+            vmette::Error::ExecEnded => ApiError::new(StatusCode::CONFLICT, "exec_ended", message),
             vmette::Error::StdinFull(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stdin_full", message)
             }
@@ -209,15 +212,32 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(ApiError::new(
-                rejection.status(),
-                "bad_request",
-                rejection.body_text(),
-            )),
-        }
+        let Json(value) = Json::<serde_json::Value>::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                ApiError::new(rejection.status(), "bad_request", rejection.body_text())
+            })?;
+        object(value).map(ApiJson)
     }
+}
+
+/// `value` as a request, which is always a JSON object: serde would also
+/// take a struct from an array of its fields in order.
+fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> ApiResult<T> {
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("the request is not valid: {e}"),
+        )
+    })
 }
 
 /// Path parameters whose rejections (an exec id that is no number) are API
@@ -363,7 +383,7 @@ fn session_body(managed: &Managed) -> SessionInfo {
     tag = "sessions",
     summary = "Boot a session",
     description = "Boots a session and answers once its guest is ready, which takes seconds. \
-        No body, a body of whitespace, or `null` means every default. The body is read whatever its \
+        No body, or a body of whitespace, means every default. The body is read whatever its \
         content type.",
     request_body(
         content = Option<SessionRequest>,
@@ -386,20 +406,18 @@ async fn create_session(
     State(daemon): State<Arc<Daemon>>,
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<(StatusCode, Json<SessionInfo>)> {
-    // No body at all, or JSON null (an optional body, as the description
-    // has it), means every default.
+    // No body at all means every default.
     let request: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
         SessionRequest::default()
     } else {
-        serde_json::from_slice::<Option<SessionRequest>>(&body)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid",
-                    format!("the session request is not valid: {e}"),
-                )
-            })?
-            .unwrap_or_default()
+        let value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("the session request is not valid: {e}"),
+            )
+        })?;
+        object(value)?
     };
     let mut config = Config::default_machine();
     if let Some(memory) = request.memory_mib {
@@ -560,7 +578,7 @@ async fn delete_session(
         (status = 404, description = "No such session (`not_found`).", body = ErrorBody),
         (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
         (status = 422, description = "The body is JSON but not a valid exec request, or a value is \
-            out of range (`bad_request`, `invalid`).", body = ErrorBody),
+            out of range (`invalid`).", body = ErrorBody),
         (status = 429, description = "The session has 256 execs running or with output nobody \
             read (`limit_reached`).", body = ErrorBody),
         (status = 500, description = "The exec could not be started (`vmette_failed`).", body = ErrorBody),
@@ -572,6 +590,20 @@ async fn create_exec(
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> ApiResult<(StatusCode, Json<ExecInfo>)> {
     let managed = daemon.manager.get(&id)?;
+    // Checked even without a terminal, so that a size is never silently
+    // wrong.
+    let side = 1..=vmette::MAX_PTY_SIDE;
+    if [request.rows, request.cols]
+        .iter()
+        .flatten()
+        .any(|n| !side.contains(n))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("rows and cols must be 1 to {}", vmette::MAX_PTY_SIDE),
+        ));
+    }
     let mut spec = ExecSpec::new(request.argv);
     spec.env = request.env.into_iter().collect();
     spec.workdir = request.workdir;
@@ -615,6 +647,7 @@ async fn create_exec(
         Arc::new(Tracked {
             exec,
             events,
+            tty: request.tty,
             stdin: Mutex::new(()),
         }),
     );
@@ -723,7 +756,7 @@ fn sse_event(event: &crate::events::Numbered) -> Event {
         is full. The body is read whatever its content type.",
     params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
     request_body(
-        content = Vec<u8>,
+        content = [u8],
         content_type = "application/octet-stream",
         description = "Raw bytes, at most 1 MiB.",
     ),
@@ -732,7 +765,8 @@ fn sse_event(event: &crate::events::Numbered) -> Event {
         (status = 400, description = "The exec id is not a number, or the body could not be \
             read (`bad_request`).", body = ErrorBody),
         (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
-        (status = 409, description = "Another stdin write to this exec is in progress (`busy`).", body = ErrorBody),
+        (status = 409, description = "Another stdin write to this exec is in progress (`busy`), \
+            or the command has ended (`exec_ended`).", body = ErrorBody),
         (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB (`bad_request`).", body = ErrorBody),
         (status = 500, description = "The write failed (`vmette_failed`).", body = ErrorBody),
@@ -804,7 +838,7 @@ async fn exec_stdin_close(
         (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
         (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
         (status = 422, description = "The body is JSON but not a valid signal request, or the \
-            signal is not 1 to 31 (`bad_request`, `invalid`).", body = ErrorBody),
+            signal is not 1 to 31 (`invalid`).", body = ErrorBody),
         (status = 500, description = "Sending failed (`vmette_failed`).", body = ErrorBody),
     ),
 )]
@@ -833,8 +867,9 @@ async fn exec_signal(
         (status = 415, description = "The body is not `application/json` (`bad_request`).", body = ErrorBody),
         (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
         (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 422, description = "The body is JSON but not a valid size, a side is not 1 to \
-            4096, or the exec has no terminal (`bad_request`, `invalid`).", body = ErrorBody),
+        (status = 409, description = "The exec was not started with `tty` (`no_terminal`).", body = ErrorBody),
+        (status = 422, description = "The body is JSON but not a valid size, or a side is not 1 \
+            to 4096 (`invalid`).", body = ErrorBody),
         (status = 500, description = "Resizing failed (`vmette_failed`).", body = ErrorBody),
     ),
 )]
@@ -843,7 +878,15 @@ async fn exec_resize(
     ApiPath((id, exec)): ApiPath<(String, u32)>,
     ApiJson(request): ApiJson<ResizeRequest>,
 ) -> ApiResult<StatusCode> {
-    tracked(&daemon, &id, exec)?.exec.resize(PtySize {
+    let tracked = tracked(&daemon, &id, exec)?;
+    if !tracked.tty {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_terminal",
+            "this exec was not started with tty, so it has no terminal to resize",
+        ));
+    }
+    tracked.exec.resize(PtySize {
         rows: request.rows,
         cols: request.cols,
     })?;
