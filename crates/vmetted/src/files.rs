@@ -177,8 +177,8 @@ fn session(daemon: &Daemon, id: &str) -> ApiResult<Arc<Managed>> {
     summary = "Upload a file",
     description = "Writes the body to the path, creating its parents, streamed and capped by the \
         session's transfer limit (1 GiB). The body is read whatever its content type.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024), ("mode" = Option<String>, Query, description = "Octal permission bits, at most 7777 (default 644).", pattern = r"^\+?0*[0-7]{1,4}$")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes."),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024), ("mode" = Option<String>, Query, description = "Octal permission bits, at most 7777 (default 644).", pattern = r"^\+?0*[0-7]{1,4}$")),
+    request_body(content = [u8], content_type = "application/octet-stream", description = "The file's bytes."),
     responses(
         (status = 201, description = "Written.", body = Moved),
         (status = 400, description = "A query parameter is missing, unknown or malformed \
@@ -238,9 +238,9 @@ async fn stat_first(managed: &Arc<Managed>, path: &str) -> ApiResult<FileStat> {
     tag = "files",
     summary = "Download a file",
     description = "The file's bytes, streamed. A failure after the status was sent breaks the body off.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024)),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
     responses(
-        (status = 200, description = "The file.", content((Vec<u8> = "application/octet-stream"))),
+        (status = 200, description = "The file.", content(([u8] = "application/octet-stream"))),
         (status = 400, description = "A query parameter is missing, unknown or malformed \
             (`bad_request`).", body = ErrorBody),
         (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
@@ -281,8 +281,8 @@ pub async fn get_file(
     description = "Unpacks the tar body into the directory, streamed and capped by the session's \
         transfer limit. Members that would land outside it fail with 422. The body is read \
         whatever its content type.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024)),
-    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "A tar stream."),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    request_body(content = [u8], content_type = "application/x-tar", description = "A tar stream."),
     responses(
         (status = 201, description = "Unpacked.", body = Moved),
         (status = 400, description = "A query parameter is missing, unknown or malformed \
@@ -321,9 +321,9 @@ pub async fn put_tree(
     summary = "Download a tree as tar",
     description = "A tar of the path's contents (symlinks stored, not followed), streamed. A \
         failure after the status was sent breaks the body off.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024)),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
     responses(
-        (status = 200, description = "The tar stream.", content((Vec<u8> = "application/x-tar"))),
+        (status = 200, description = "The tar stream.", content(([u8] = "application/x-tar"))),
         (status = 400, description = "A query parameter is missing, unknown or malformed \
             (`bad_request`).", body = ErrorBody),
         (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
@@ -369,7 +369,7 @@ fn stat_body(stat: &FileStat) -> Stat {
     tag = "files",
     summary = "A path's metadata",
     description = "Without following a final symlink.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024)),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
     responses(
         (status = 200, description = "The metadata.", body = Stat),
         (status = 400, description = "A query parameter is missing, unknown or malformed \
@@ -401,7 +401,7 @@ pub async fn stat(
     tag = "files",
     summary = "List a directory",
     description = "Entries sorted by name, at most 1024.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024)),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
     responses(
         (status = 200, description = "The entries.", body = Listing),
         (status = 400, description = "A query parameter is missing, unknown or malformed \
@@ -443,7 +443,7 @@ pub async fn list(
     path = "/v1/sessions/{id}/files/mkdir",
     tag = "files",
     summary = "Make a directory",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024), ("parents" = Option<bool>, Query, description = "Make missing parents too.")),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024), ("parents" = Option<bool>, Query, description = "Make missing parents too.")),
     responses(
         (status = 204, description = "Made."),
         (status = 400, description = "A query parameter is missing, unknown or malformed \
@@ -477,7 +477,7 @@ pub async fn mkdir(
     summary = "Remove a path",
     description = "Removes a file, a symlink, or a directory (with `recursive`, its contents too). \
         The root cannot be removed.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$", max_length = 1024), ("recursive" = Option<bool>, Query, description = "Remove a directory's contents too.")),
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, other than `/`, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})(?=/*[^/])/[^\u0000]*$", max_length = 1024), ("recursive" = Option<bool>, Query, description = "Remove a directory's contents too.")),
     responses(
         (status = 204, description = "Removed."),
         (status = 400, description = "A query parameter is missing, unknown or malformed \

@@ -6,10 +6,12 @@
 //! listener's bearer token and the answers its gate gives, and the busy
 //! answer of a listener with every connection in use.
 
+use utoipa::openapi::content::Content;
 use utoipa::openapi::response::{ResponseBuilder, ResponsesBuilder};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::server::{ServerBuilder, ServerVariableBuilder};
-use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Required};
 use vmette_api::{ErrorBody, EventData};
 
 /// What the events route sends, for its description.
@@ -107,26 +109,31 @@ pub fn description() -> OpenApi {
              elsewhere (`forbidden_origin`).",
         ),
         (
+            "431",
+            "HeadTooLarge",
+            "The request line and headers are over 16 KiB; the connection is closed.",
+        ),
+        (
             "503",
             "Busy",
-            "256 connections are open; this one is answered and closed (`busy`).",
+            "On the unix socket, 256 connections are open; this one is answered and closed \
+             (`busy`). The TCP listener closes a connection past its 256 without an answer.",
         ),
     ];
-    for (_, name, description) in shared {
-        components.responses.insert(
-            name.into(),
-            RefOr::T(
-                ResponseBuilder::new()
-                    .description(description)
-                    .content(
-                        "application/json",
-                        ContentBuilder::new()
-                            .schema(Some(Ref::from_schema_name("ErrorBody")))
-                            .build(),
-                    )
+    for (status, name, description) in shared {
+        let mut response = ResponseBuilder::new().description(description);
+        // hyper answers an oversized head itself, with no body.
+        if status != "431" {
+            response = response.content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
                     .build(),
-            ),
-        );
+            );
+        }
+        components
+            .responses
+            .insert(name.into(), RefOr::T(response.build()));
     }
     api.security = Some(vec![SecurityRequirement::new(
         "bearer",
@@ -144,6 +151,30 @@ pub fn description() -> OpenApi {
             &mut item.trace,
         ];
         for operation in operations.into_iter().flatten() {
+            if let Some(body) = &mut operation.request_body {
+                // An optional body is one that is left out, not JSON null,
+                // which the daemon refuses.
+                for content in body.content.values_mut() {
+                    if let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema {
+                        if let [RefOr::T(Schema::Object(null)), other] = &one_of.items[..] {
+                            if null.schema_type == SchemaType::Type(Type::Null) {
+                                content.schema = Some(other.clone());
+                            }
+                        }
+                    }
+                }
+                if body.content.keys().any(|media| is_bytes(media)) {
+                    // An empty body is a body: an empty file, an empty tar,
+                    // no stdin.
+                    body.required = Some(Required::False);
+                }
+                bytes_as_binary(body.content.iter_mut());
+            }
+            for response in operation.responses.responses.values_mut() {
+                if let RefOr::T(response) = response {
+                    bytes_as_binary(response.content.iter_mut());
+                }
+            }
             let mut responses =
                 std::mem::replace(&mut operation.responses, ResponsesBuilder::new().build());
             for (status, name, _) in shared {
@@ -157,6 +188,25 @@ pub fn description() -> OpenApi {
         }
     }
     api
+}
+
+fn is_bytes(media: &str) -> bool {
+    media == "application/octet-stream" || media == "application/x-tar"
+}
+
+/// Byte bodies as binary strings: the derive would make `[u8]` an array of
+/// numbers, which is what JSON would carry, not these bodies.
+fn bytes_as_binary<'a>(content: impl IntoIterator<Item = (&'a String, &'a mut Content)>) {
+    for (media, content) in content {
+        if is_bytes(media) {
+            content.schema = Some(RefOr::T(Schema::Object(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::Type(Type::String))
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+                    .build(),
+            )));
+        }
+    }
 }
 
 /// The description as `docs/openapi.json` has it: pretty JSON, keys in a
