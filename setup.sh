@@ -12,8 +12,10 @@
 #   ./setup.sh [--with-test-tools] [--list-packages]
 #     --with-test-tools  also install what only the tests need: QEMU for
 #                        arm64, shellcheck, tmux, vhost-device-vsock (for the
-#                        test of the macOS engine's guest side), and httpx
-#                        with httpx-sse from PyPI (the daemon's Python client)
+#                        test of the macOS engine's guest side), and from
+#                        PyPI httpx with httpx-sse (the daemon's Python
+#                        client), openapi-spec-validator and schemathesis
+#                        (the checks of its OpenAPI file)
 #     --list-packages    print every Debian package set-up may install, one
 #                        a line, and stop
 #
@@ -192,6 +194,13 @@ fi
 if [ "$test_tools" = yes ] && ! python3 -c 'import httpx, httpx_sse' 2>/dev/null; then
     say "installing the Python test client's packages (httpx, httpx-sse)"
     python3 -m pip install --quiet 'httpx==0.28.1' 'httpx-sse==0.4.3'
+fi
+
+# The daemon's OpenAPI file is checked by a validator and a fuzzer nobody
+# here wrote either.
+if [ "$test_tools" = yes ] && ! python3 -c 'import openapi_spec_validator, schemathesis' 2>/dev/null; then
+    say "installing the OpenAPI checkers (openapi-spec-validator, schemathesis)"
+    python3 -m pip install --quiet 'openapi-spec-validator==0.9.0' 'schemathesis==4.32.5'
 fi
 
 if [ "$test_tools" = yes ] && [ ! -x "$prefix/bin/vhost-device-vsock" ]; then
