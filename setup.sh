@@ -12,9 +12,10 @@
 #   ./setup.sh [--with-test-tools] [--list-packages]
 #     --with-test-tools  also install what only the tests need: QEMU for
 #                        arm64, shellcheck, tmux, vhost-device-vsock (for the
-#                        test of the macOS engine's guest side), and httpx,
-#                        httpx-sse and websockets from PyPI (the daemon's
-#                        Python clients)
+#                        test of the macOS engine's guest side), and from
+#                        PyPI httpx, httpx-sse and websockets (the daemon's
+#                        Python clients), openapi-spec-validator and
+#                        schemathesis (the checks of its OpenAPI file)
 #     --list-packages    print every Debian package set-up may install, one
 #                        a line, and stop
 #
@@ -193,6 +194,13 @@ fi
 if [ "$test_tools" = yes ] && ! python3 -c 'import httpx, httpx_sse, websockets' 2>/dev/null; then
     say "installing the Python test clients' packages (httpx, httpx-sse, websockets)"
     python3 -m pip install --quiet 'httpx==0.28.1' 'httpx-sse==0.4.3' 'websockets==15.0.1'
+fi
+
+# The daemon's OpenAPI file is checked by a validator and a fuzzer nobody
+# here wrote either.
+if [ "$test_tools" = yes ] && ! python3 -c 'import openapi_spec_validator, schemathesis' 2>/dev/null; then
+    say "installing the OpenAPI checkers (openapi-spec-validator, schemathesis)"
+    python3 -m pip install --quiet 'openapi-spec-validator==0.9.0' 'schemathesis==4.32.5'
 fi
 
 if [ "$test_tools" = yes ] && [ ! -x "$prefix/bin/vhost-device-vsock" ]; then

@@ -44,6 +44,7 @@ pub fn state_dir() -> Option<PathBuf> {
 
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     /// The daemon's version.
     pub version: String,
@@ -63,31 +64,56 @@ pub struct Status {
 
 /// `POST /v1/sessions`: every field optional.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SessionRequest {
-    /// A unique name.
+    /// A unique name: 1 to 64 letters, digits, `-`, `_` and `.`, starting
+    /// with a letter or digit, and not with `vm-` (kept for ids).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^(?!vm-)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    )]
     pub name: Option<String>,
     /// Guest memory, MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 128, maximum = 262144))]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub memory_mib: Option<u32>,
     /// Virtual CPUs.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub vcpus: Option<u8>,
-    /// An ephemeral ext4 disk for the root's writes, MiB.
+    /// An ephemeral ext4 disk for the root's writes, MiB (not with a
+    /// writable directory `rootfs`, which has no overlay).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 16, maximum = 65536))]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub scratch_mib: Option<u64>,
     /// End the session after this long.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = "uint64", maximum = 18446744073709551615_u64, minimum = 1)
+    )]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub timeout_s: Option<u64>,
     /// End it after this long without an exec.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = "uint64", maximum = 18446744073709551615_u64, minimum = 1)
+    )]
+    #[serde(default, deserialize_with = "whole::optional")]
     pub idle_timeout_s: Option<u64>,
     /// Host directories to mount (read-only unless `writable`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64))]
     pub shares: Vec<ShareRequest>,
     /// Disk images to attach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64))]
     pub disks: Vec<DiskRequest>,
     /// The root file system instead of the default image: a directory or
     /// an erofs, squashfs or ext4 image.
@@ -97,11 +123,18 @@ pub struct SessionRequest {
 
 /// A host directory mounted in a session's guest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ShareRequest {
     /// The host directory, an absolute path.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^/[^\u0000]*$"))]
     pub host_path: String,
-    /// Where the guest sees it, an absolute path.
+    /// Where the guest sees it, an absolute path other than `/`, without
+    /// `..`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]+$")
+    )]
     pub guest_path: String,
     /// Let the guest write (the host enforces read-only otherwise).
     #[serde(default)]
@@ -110,9 +143,11 @@ pub struct ShareRequest {
 
 /// A disk image attached to a session's guest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DiskRequest {
     /// The image, an absolute path.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^/[^\u0000]*$"))]
     pub path: String,
     /// Attach it read-only.
     #[serde(default)]
@@ -121,9 +156,11 @@ pub struct DiskRequest {
 
 /// A session's root file system.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RootfsRequest {
     /// A directory or image, an absolute path.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^/[^\u0000]*$"))]
     pub path: String,
     /// For a directory: write through to it instead of into an overlay.
     #[serde(default)]
@@ -132,8 +169,10 @@ pub struct RootfsRequest {
 
 /// A session, as created, listed and described.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionInfo {
-    /// Its id.
+    /// Its id: `vm-` and 16 hex digits.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^vm-[0-9a-f]{16}$"))]
     pub id: String,
     /// Its name.
     pub name: Option<String>,
@@ -144,6 +183,7 @@ pub struct SessionInfo {
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
     /// `running` or `ended`.
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::session_state))]
     pub state: String,
     /// Why it ended, once it has.
     pub end_reason: Option<String>,
@@ -151,6 +191,7 @@ pub struct SessionInfo {
 
 /// `DELETE /v1/sessions/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Ended {
     /// The session's id.
     pub id: String,
@@ -160,15 +201,24 @@ pub struct Ended {
 
 /// `POST /v1/sessions/{id}/execs`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
-    /// Program and arguments.
+    /// Program and arguments: a non-empty program, at most 4096 strings
+    /// in all, none with a NUL.
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::argv))]
     pub argv: Vec<String>,
-    /// Environment variables.
+    /// Environment variables: at most 4096, names non-empty without `=`,
+    /// neither names nor values with a NUL.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::env))]
     pub env: std::collections::BTreeMap<String, String>,
-    /// Working directory.
+    /// Working directory, an absolute guest path without `..`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))/[^\u0000]*$")
+    )]
     pub workdir: Option<String>,
     /// Open a stdin to write to.
     #[serde(default)]
@@ -176,19 +226,29 @@ pub struct ExecRequest {
     /// Run on a PTY.
     #[serde(default)]
     pub tty: bool,
-    /// The PTY's rows.
+    /// The PTY's rows (default 24).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::optional")]
     pub rows: Option<u16>,
-    /// The PTY's columns.
+    /// The PTY's columns (default 80).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::optional")]
     pub cols: Option<u16>,
     /// Kill the command after this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(format = "uint64", maximum = 18446744073709551615_u64)
+    )]
+    #[serde(deserialize_with = "whole::optional")]
     pub timeout_ms: Option<u64>,
 }
 
 /// A started exec.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecInfo {
     /// Its id within the session.
     pub id: u32,
@@ -198,30 +258,40 @@ pub struct ExecInfo {
 
 /// `POST …/signal`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SignalRequest {
     /// 1 to 31.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 31))]
+    #[serde(deserialize_with = "whole::number")]
     pub signal: i32,
 }
 
 /// `POST …/resize`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ResizeRequest {
     /// Rows.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::number")]
     pub rows: u16,
     /// Columns.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4096))]
+    #[serde(deserialize_with = "whole::number")]
     pub cols: u16,
 }
 
 /// The data of one exec event; which fields are set depends on the event's
 /// kind (`stdout`, `stderr`, `pty`, `exit`, `failed`, `gap`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventData {
     /// The event's sequence number, also its SSE id.
     pub seq: u64,
     /// Output bytes, base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(content_encoding = "base64"))]
     pub data: Option<String>,
     /// For `exit` and `failed`: the shell's exit code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,6 +338,7 @@ pub mod channel {
 
 /// A message on the attach WebSocket's status channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AttachStatus {
     /// `exit` (the command ended; the daemon then closes the WebSocket),
     /// `failed` (it never started; closed too), or `error` (something the
@@ -290,12 +361,15 @@ pub struct AttachStatus {
 
 /// A path's metadata.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stat {
     /// `file`, `directory`, `symlink` or `other`.
+    #[cfg_attr(feature = "openapi", schema(schema_with = schemas::file_kind))]
     pub kind: String,
     /// Size in bytes.
     pub size: u64,
     /// Permission bits, octal.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[0-7]+$"))]
     pub mode: String,
     /// Modification time, seconds since the epoch.
     pub modified_unix: i64,
@@ -303,6 +377,7 @@ pub struct Stat {
 
 /// One directory entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Entry {
     /// Its name.
     pub name: String,
@@ -313,8 +388,9 @@ pub struct Entry {
 
 /// `GET …/files/list`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Listing {
-    /// Entries, sorted by name.
+    /// Entries, sorted by name, at most 1024.
     pub entries: Vec<Entry>,
     /// The directory has more.
     pub truncated: bool,
@@ -322,6 +398,7 @@ pub struct Listing {
 
 /// A finished transfer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Moved {
     /// Bytes moved.
     pub bytes: u64,
@@ -329,6 +406,7 @@ pub struct Moved {
 
 /// Every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
@@ -336,9 +414,145 @@ pub struct ErrorBody {
 
 /// What went wrong.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// A stable code (`not_found`, `limit_reached`, …).
     pub code: String,
     /// One sentence.
     pub message: String,
+}
+
+/// Whole numbers however JSON spells them: `93` and `93.0` are the same
+/// integer to JSON Schema, and so to the daemon.
+mod whole {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+    use serde::Deserialize;
+
+    struct Whole<T>(PhantomData<T>);
+
+    impl<T: TryFrom<u64> + TryFrom<i64>> Visitor<'_> for Whole<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number in range")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            T::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+            // Only values that u64 or i64 hold exactly; 2^64 itself is not.
+            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                self.visit_u64(v as u64)
+            } else if v.fract() == 0.0 && (-9_223_372_036_854_775_808.0..0.0).contains(&v) {
+                self.visit_i64(v as i64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    pub fn number<'de, D: Deserializer<'de>, T: TryFrom<u64> + TryFrom<i64>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        d.deserialize_any(Whole(PhantomData))
+    }
+
+    struct Present<T>(T);
+
+    impl<'de, T: TryFrom<u64> + TryFrom<i64>> Deserialize<'de> for Present<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            number(d).map(Present)
+        }
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>, T: TryFrom<u64> + TryFrom<i64>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        Option::<Present<T>>::deserialize(d).map(|v| v.map(|Present(v)| v))
+    }
+}
+
+/// Schemas that the derive cannot say by itself: fixed sets of words, and
+/// rules on items of a list or names of a map.
+#[cfg(feature = "openapi")]
+mod schemas {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Schema, SchemaType, Type};
+
+    const NO_NUL: &str = r"^[^\u0000]*$";
+
+    fn words(values: &[&str]) -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .enum_values(Some(values.iter().copied()))
+    }
+
+    pub fn session_state() -> ObjectBuilder {
+        words(&["running", "ended"]).description(Some("`running` or `ended`."))
+    }
+
+    pub fn file_kind() -> ObjectBuilder {
+        words(&["file", "directory", "symlink", "other"])
+            .description(Some("`file`, `directory`, `symlink` or `other`."))
+    }
+
+    fn text(pattern: &str) -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .pattern(Some(pattern))
+    }
+
+    pub fn argv() -> ArrayBuilder {
+        ArrayBuilder::new()
+            .description(Some(
+                "Program and arguments: a non-empty program, at most 4096 strings in all, none with a NUL.",
+            ))
+            .prefix_items([Schema::Object(text(NO_NUL).min_length(Some(1)).build())])
+            .items(text(NO_NUL))
+            .min_items(Some(1))
+            .max_items(Some(4096))
+    }
+
+    pub fn env() -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::Object))
+            .description(Some(
+                "Environment variables: at most 4096, names non-empty without `=`, neither names nor values with a NUL.",
+            ))
+            .additional_properties(Some(text(NO_NUL)))
+            .property_names(Some(text(r"^[^=\u0000]+$")))
+            .max_properties(Some(4096))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_may_be_spelt_as_floats() {
+        let r: ResizeRequest =
+            serde_json::from_str(r#"{"rows": 40.0, "cols": 120}"#).expect("whole");
+        assert_eq!((r.rows, r.cols), (40, 120));
+        for bad in [
+            r#"{"rows": 40.5, "cols": 1}"#,
+            r#"{"rows": 70000, "cols": 1}"#,
+            r#"{"rows": -1.0, "cols": 1}"#,
+        ] {
+            assert!(serde_json::from_str::<ResizeRequest>(bad).is_err(), "{bad}");
+        }
+        let s: SessionRequest =
+            serde_json::from_str(r#"{"vcpus": 2.0, "timeout_s": null}"#).expect("whole");
+        assert_eq!((s.vcpus, s.timeout_s, s.memory_mib), (Some(2), None, None));
+        let e: ExecRequest = serde_json::from_str(r#"{"argv": ["x"]}"#).expect("defaults");
+        assert_eq!(e.timeout_ms, None);
+    }
 }

@@ -57,6 +57,9 @@ pub enum Error {
     /// The command left its stdin unread for this long; what fitted was sent.
     #[error("the command did not read its stdin within {0:?}")]
     StdinFull(std::time::Duration),
+    /// The exec has ended, so its stdin takes nothing more.
+    #[error("the command has ended; its stdin takes nothing more")]
+    ExecEnded,
     /// The session ended, so it can run nothing more.
     #[error("the session has ended: {0}")]
     SessionEnded(crate::EndReason),
@@ -86,6 +89,7 @@ impl Error {
             | Error::Assets(_)
             | Error::Protocol(_)
             | Error::SessionEnded(_)
+            | Error::ExecEnded
             | Error::File { .. }
             | Error::Unpack(_) => false,
             Error::StdinFull(_) => true,

@@ -923,11 +923,7 @@ impl ExecStdin {
             let deadline = patience.and_then(|p| Instant::now().checked_add(p));
             match self.window.reserve(chunk.len(), deadline) {
                 Reserved::Granted => {}
-                Reserved::Closed => {
-                    return Err(Error::Channel(vmette_proto::FrameError::Io(
-                        io::ErrorKind::BrokenPipe.into(),
-                    )))
-                }
+                Reserved::Closed => return Err(Error::ExecEnded),
                 Reserved::TimedOut => return Err(Error::StdinFull(patience.unwrap_or_default())),
             }
             self.sender.send(HostMessage::Stdin {

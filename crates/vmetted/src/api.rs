@@ -13,9 +13,10 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 use vmette::{Config, Exec, ExecSpec, PtySize};
 use vmette_api::{
     Ended, ErrorBody, ErrorDetail, ExecInfo, ExecRequest, ResizeRequest, SessionInfo,
@@ -173,6 +174,7 @@ impl From<vmette::Error> for ApiError {
             vmette::Error::SessionEnded(_) => {
                 ApiError::new(StatusCode::GONE, "session_ended", message)
             }
+            vmette::Error::ExecEnded => ApiError::new(StatusCode::CONFLICT, "exec_ended", message),
             vmette::Error::StdinFull(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stdin_full", message)
             }
@@ -217,15 +219,32 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(ApiError::new(
-                rejection.status(),
-                "bad_request",
-                rejection.body_text(),
-            )),
-        }
+        let Json(value) = Json::<serde_json::Value>::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                ApiError::new(rejection.status(), "bad_request", rejection.body_text())
+            })?;
+        object(value).map(ApiJson)
     }
+}
+
+/// `value` as a request, which is always a JSON object: serde would also
+/// take a struct from an array of its fields in order.
+fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> ApiResult<T> {
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("the request is not valid: {e}"),
+        )
+    })
 }
 
 /// Path parameters whose rejections (an exec id that is no number) are API
@@ -281,43 +300,36 @@ pub(crate) async fn blocking<T: Send + 'static>(
     })
 }
 
-/// The router, on `daemon`.
-pub fn router(daemon: Arc<Daemon>) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/sessions", post(create_session).get(list_sessions))
-        .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
-        .route("/v1/sessions/{id}/execs", post(create_exec))
-        .route("/v1/sessions/{id}/execs/{exec}/events", get(exec_events))
-        .route(
-            "/v1/sessions/{id}/execs/{exec}/stdin",
-            post(exec_stdin).layer(DefaultBodyLimit::max(MAX_STDIN_BODY)),
-        )
-        .route(
-            "/v1/sessions/{id}/execs/{exec}/stdin/close",
-            post(exec_stdin_close),
-        )
-        .route("/v1/sessions/{id}/execs/{exec}/signal", post(exec_signal))
-        .route("/v1/sessions/{id}/execs/{exec}/resize", post(exec_resize))
-        .route("/v1/sessions/{id}/execs/{exec}/attach", get(attach::attach))
+/// The routes with their description: one table, so that what is served
+/// and what `docs/openapi.json` says cannot disagree.
+pub(crate) fn routes() -> OpenApiRouter<Arc<Daemon>> {
+    OpenApiRouter::with_openapi(crate::openapi::base())
+        .routes(routes!(status))
+        .routes(routes!(create_session, list_sessions))
+        .routes(routes!(get_session, delete_session))
+        .routes(routes!(create_exec))
+        .routes(routes!(exec_events))
+        .routes(routes!(attach::attach))
+        .routes(routes!(exec_stdin).layer(DefaultBodyLimit::max(MAX_STDIN_BODY)))
+        .routes(routes!(exec_stdin_close))
+        .routes(routes!(exec_signal))
+        .routes(routes!(exec_resize))
         // Transfers are capped by the session's transfer limit, not by the
         // JSON body limit.
-        .route(
-            "/v1/sessions/{id}/files",
-            put(files::put_file)
-                .get(files::get_file)
-                .delete(files::delete)
+        .routes(
+            routes!(files::put_file, files::get_file, files::delete)
                 .layer(DefaultBodyLimit::disable()),
         )
-        .route("/v1/sessions/{id}/files/stat", get(files::stat))
-        .route("/v1/sessions/{id}/files/list", get(files::list))
-        .route("/v1/sessions/{id}/files/mkdir", post(files::mkdir))
-        .route(
-            "/v1/sessions/{id}/tree",
-            put(files::put_tree)
-                .get(files::get_tree)
-                .layer(DefaultBodyLimit::disable()),
-        )
+        .routes(routes!(files::stat))
+        .routes(routes!(files::list))
+        .routes(routes!(files::mkdir))
+        .routes(routes!(files::put_tree, files::get_tree).layer(DefaultBodyLimit::disable()))
+}
+
+/// The router, on `daemon`.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -336,6 +348,13 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "daemon",
+    summary = "The daemon's version, pid, load and limits",
+    responses((status = 200, description = "The daemon's status.", body = Status)),
+)]
 async fn status(State(daemon): State<Arc<Daemon>>) -> Json<Status> {
     let status = daemon.manager.status();
     Json(Status {
@@ -365,6 +384,31 @@ fn session_body(managed: &Managed) -> SessionInfo {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions",
+    tag = "sessions",
+    summary = "Boot a session",
+    description = "Boots a session and answers once its guest is ready, which takes seconds. \
+        No body, or a body of whitespace, means every default. The body is read whatever its \
+        content type.",
+    request_body(
+        content = Option<SessionRequest>,
+        content_type = "application/json",
+        description = "The session's settings; every field is optional.",
+    ),
+    responses(
+        (status = 201, description = "The session, running.", body = SessionInfo),
+        (status = 400, description = "The body could not be read.", body = ErrorBody),
+        (status = 409, description = "Another session has that name (`name_taken`).", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB.", body = ErrorBody),
+        (status = 422, description = "The body is not a valid session request, or a value is \
+            out of range (`invalid`).", body = ErrorBody),
+        (status = 429, description = "The session would exceed the daemon's session count or \
+            memory budget (`limit_reached`); nothing was started.", body = ErrorBody),
+        (status = 500, description = "The VM did not boot (`vmette_failed`).", body = ErrorBody),
+    ),
+)]
 async fn create_session(
     State(daemon): State<Arc<Daemon>>,
     ApiBytes(body): ApiBytes,
@@ -373,13 +417,14 @@ async fn create_session(
     let request: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
         SessionRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
+        let value = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid",
                 format!("the session request is not valid: {e}"),
             )
-        })?
+        })?;
+        object(value)?
     };
     let mut config = Config::default_machine();
     if let Some(memory) = request.memory_mib {
@@ -446,6 +491,13 @@ async fn create_session(
     Ok((StatusCode::CREATED, Json(session_body(&managed))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions",
+    tag = "sessions",
+    summary = "List sessions",
+    responses((status = 200, description = "Every live session.", body = Vec<SessionInfo>)),
+)]
 async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionInfo>> {
     Json(
         daemon
@@ -457,6 +509,18 @@ async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionInf
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    summary = "Describe a session",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name.")),
+    responses(
+        (status = 200, description = "The session.", body = SessionInfo),
+        (status = 400, description = "The id is not valid UTF-8.", body = ErrorBody),
+        (status = 404, description = "No such session (`not_found`).", body = ErrorBody),
+    ),
+)]
 async fn get_session(
     State(daemon): State<Arc<Daemon>>,
     ApiPath(id): ApiPath<String>,
@@ -465,6 +529,20 @@ async fn get_session(
     Ok(Json(session_body(&managed)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    summary = "Stop a session",
+    description = "Powers the guest off cleanly, then answers with why the session ended.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name.")),
+    responses(
+        (status = 200, description = "The session is gone.", body = Ended),
+        (status = 400, description = "The id is not valid UTF-8.", body = ErrorBody),
+        (status = 404, description = "No such session (`not_found`).", body = ErrorBody),
+        (status = 500, description = "The session could not be stopped (`vmette_failed`).", body = ErrorBody),
+    ),
+)]
 async fn delete_session(
     State(daemon): State<Arc<Daemon>>,
     ApiPath(id): ApiPath<String>,
@@ -490,12 +568,49 @@ async fn delete_session(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/execs",
+    tag = "execs",
+    summary = "Start a command",
+    description = "Starts a command in the session; its output is read from the events route.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name.")),
+    request_body(content = ExecRequest, description = "The command."),
+    responses(
+        (status = 201, description = "The exec, started.", body = ExecInfo),
+        (status = 400, description = "A path parameter or the body could not be read, or the \
+            body is not JSON (`bad_request`).", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB (`bad_request`).", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json` (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 422, description = "The body is JSON but not a valid exec request, or a value is \
+            out of range (`invalid`).", body = ErrorBody),
+        (status = 429, description = "The session has 256 execs running or with output nobody \
+            read (`limit_reached`).", body = ErrorBody),
+        (status = 500, description = "The exec could not be started (`vmette_failed`).", body = ErrorBody),
+    ),
+)]
 async fn create_exec(
     State(daemon): State<Arc<Daemon>>,
     ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> ApiResult<(StatusCode, Json<ExecInfo>)> {
     let managed = daemon.manager.get(&id)?;
+    // Checked even without a terminal, so that a size is never silently
+    // wrong.
+    let side = 1..=vmette::MAX_PTY_SIDE;
+    if [request.rows, request.cols]
+        .iter()
+        .flatten()
+        .any(|n| !side.contains(n))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("rows and cols must be 1 to {}", vmette::MAX_PTY_SIDE),
+        ));
+    }
     let mut spec = ExecSpec::new(request.argv);
     spec.env = request.env.into_iter().collect();
     spec.workdir = request.workdir;
@@ -572,6 +687,25 @@ pub(crate) fn tracked(daemon: &Daemon, id: &str, exec: u32) -> ApiResult<Arc<Tra
         })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/execs/{exec}/events",
+    tag = "execs",
+    summary = "Follow an exec's output as Server-Sent Events",
+    description = crate::openapi::EVENTS,
+    params(
+        ("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."),
+        ("exec" = u32, Path, description = "The exec's id within the session."),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event: \
+            everything after it is sent. Anything that is not a number counts as 0."),
+    ),
+    responses(
+        (status = 200, description = "The events, until the exec's last one; a comment every \
+            15 s keeps the stream alive.", content((String = "text/event-stream"))),
+        (status = 400, description = "The exec id is not a number (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
+    ),
+)]
 async fn exec_events(
     State(daemon): State<Arc<Daemon>>,
     ApiPath((id, exec)): ApiPath<(String, u32)>,
@@ -606,6 +740,33 @@ fn sse_event(event: &crate::events::Numbered) -> Event {
         .data(data)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/execs/{exec}/stdin",
+    tag = "execs",
+    summary = "Write to an exec's stdin",
+    description = "Writes the body to the command's stdin, waiting up to 30 s while the guest \
+        is full. The body is read whatever its content type.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    request_body(
+        content = [u8],
+        content_type = "application/octet-stream",
+        description = "Raw bytes, at most 1 MiB.",
+    ),
+    responses(
+        (status = 204, description = "Written."),
+        (status = 400, description = "The exec id is not a number, or the body could not be \
+            read (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
+        (status = 409, description = "Another stdin write to this exec is in progress (`busy`), \
+            or the command has ended (`exec_ended`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB (`bad_request`).", body = ErrorBody),
+        (status = 500, description = "The write failed (`vmette_failed`).", body = ErrorBody),
+        (status = 503, description = "The command left its stdin unread for 30 s; what fitted \
+            was written (`stdin_full`). Or 256 connections are open (`busy`).", body = ErrorBody),
+    ),
+)]
 async fn exec_stdin(
     State(daemon): State<Arc<Daemon>>,
     ApiPath((id, exec)): ApiPath<(String, u32)>,
@@ -624,6 +785,21 @@ async fn exec_stdin(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/execs/{exec}/stdin/close",
+    tag = "execs",
+    summary = "End an exec's stdin",
+    description = "Ends the command's stdin (Ctrl-D on a PTY). No body.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    responses(
+        (status = 204, description = "Closed."),
+        (status = 400, description = "The exec id is not a number (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 500, description = "Closing failed (`vmette_failed`).", body = ErrorBody),
+    ),
+)]
 async fn exec_stdin_close(
     State(daemon): State<Arc<Daemon>>,
     ApiPath((id, exec)): ApiPath<(String, u32)>,
@@ -632,6 +808,27 @@ async fn exec_stdin_close(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/execs/{exec}/signal",
+    tag = "execs",
+    summary = "Signal an exec",
+    description = "Sends the signal to the command's process group.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    request_body(content = SignalRequest, description = "The signal."),
+    responses(
+        (status = 204, description = "Sent."),
+        (status = 400, description = "A path parameter or the body could not be read, or the \
+            body is not JSON (`bad_request`).", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB (`bad_request`).", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json` (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 422, description = "The body is JSON but not a valid signal request, or the \
+            signal is not 1 to 31 (`invalid`).", body = ErrorBody),
+        (status = 500, description = "Sending failed (`vmette_failed`).", body = ErrorBody),
+    ),
+)]
 async fn exec_signal(
     State(daemon): State<Arc<Daemon>>,
     ApiPath((id, exec)): ApiPath<(String, u32)>,
@@ -641,12 +838,42 @@ async fn exec_signal(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/execs/{exec}/resize",
+    tag = "execs",
+    summary = "Resize a PTY exec's terminal",
+    description = "Resizes the terminal of an exec started with `tty`; the command gets SIGWINCH.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    request_body(content = ResizeRequest, description = "The new size."),
+    responses(
+        (status = 204, description = "Resized."),
+        (status = 400, description = "A path parameter or the body could not be read, or the \
+            body is not JSON (`bad_request`).", body = ErrorBody),
+        (status = 413, description = "The body is over 64 KiB (`bad_request`).", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json` (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 409, description = "The exec was not started with `tty` (`no_terminal`).", body = ErrorBody),
+        (status = 422, description = "The body is JSON but not a valid size, or a side is not 1 \
+            to 4096 (`invalid`).", body = ErrorBody),
+        (status = 500, description = "Resizing failed (`vmette_failed`).", body = ErrorBody),
+    ),
+)]
 async fn exec_resize(
     State(daemon): State<Arc<Daemon>>,
     ApiPath((id, exec)): ApiPath<(String, u32)>,
     ApiJson(request): ApiJson<ResizeRequest>,
 ) -> ApiResult<StatusCode> {
-    tracked(&daemon, &id, exec)?.exec.resize(PtySize {
+    let tracked = tracked(&daemon, &id, exec)?;
+    if !tracked.pty {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_terminal",
+            "this exec was not started with tty, so it has no terminal to resize",
+        ));
+    }
+    tracked.exec.resize(PtySize {
         rows: request.rows,
         cols: request.cols,
     })?;

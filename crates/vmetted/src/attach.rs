@@ -27,7 +27,7 @@ use axum::Extension;
 use futures_util::SinkExt;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use vmette::{PtySize, MAX_CHUNK_LEN};
-use vmette_api::{channel, AttachStatus, ResizeRequest, ATTACH_PROTOCOL};
+use vmette_api::{channel, AttachStatus, ErrorBody, ResizeRequest, ATTACH_PROTOCOL};
 
 use crate::api::{sentence, tracked, ApiError, ApiPath, ApiResult, Daemon, Tracked};
 use crate::events::Numbered;
@@ -52,6 +52,37 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 const STDIN_QUEUE: usize = 4;
 
 /// `GET /v1/sessions/{id}/execs/{exec}/attach`: the WebSocket upgrade.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/execs/{exec}/attach",
+    tag = "execs",
+    summary = "Attach to an exec over a WebSocket",
+    description = "Upgrades to a WebSocket with the subprotocol `v1.attach.vmette.dev`. Every \
+        message is binary, its first byte a channel: 0 stdin, 1 stdout (a PTY's one stream), \
+        2 stderr, 3 status (JSON `AttachStatus`), 4 resize (JSON `ResizeRequest`), 255 close \
+        (one byte more: 0, stdin). Client messages are at most 65537 bytes (larger: close \
+        1009); a text message closes with 1003, an unknown channel with 1008. After the \
+        `exit` or `failed` status the daemon closes with 1000. See docs/api.md.",
+    params(
+        ("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."),
+        ("exec" = u32, Path, description = "The exec's id within the session."),
+        ("Sec-WebSocket-Protocol" = String, Header, description = "Must offer \
+            `v1.attach.vmette.dev`; over loopback TCP it may also offer \
+            `bearer.vmette.dev.TOKEN` in place of the Authorization header."),
+    ),
+    responses(
+        (status = 101, description = "Switching Protocols to the attach WebSocket.",
+            headers(("Sec-WebSocket-Protocol" = String, description = "`v1.attach.vmette.dev`"))),
+        (status = 400, description = "Not a WebSocket upgrade, the subprotocol is not offered, \
+            or the exec id is not a number (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
+        (status = 405, description = "Not a GET (`bad_request`).", body = ErrorBody),
+        (status = 409, description = "Another client is attached to this exec (`busy`).",
+            body = ErrorBody),
+        (status = 426, description = "The connection cannot be upgraded (`bad_request`).",
+            body = ErrorBody),
+    ),
+)]
 pub async fn attach(
     State(daemon): State<Arc<Daemon>>,
     ApiPath((id, exec)): ApiPath<(String, u32)>,

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use vmette::{DirEntry, FileErrorKind, FileKind, FileStat};
-use vmette_api::{Entry, Listing, Moved, Stat};
+use vmette_api::{Entry, ErrorBody, Listing, Moved, Stat};
 use vmette_manager::Managed;
 
 use crate::api::{blocking, ApiError, ApiPath, ApiResult, Daemon};
@@ -170,6 +170,31 @@ fn session(daemon: &Daemon, id: &str) -> ApiResult<Arc<Managed>> {
     Ok(daemon.manager.get(id)?)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/sessions/{id}/files",
+    tag = "files",
+    summary = "Upload a file",
+    description = "Writes the body to the path, creating its parents, streamed and capped by the \
+        session's transfer limit (1 GiB). The body is read whatever its content type.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024), ("mode" = Option<String>, Query, description = "Octal permission bits, at most 7777 (default 644).", pattern = r"^\+?0*[0-7]{1,4}$")),
+    request_body(content = [u8], content_type = "application/octet-stream", description = "The file's bytes."),
+    responses(
+        (status = 201, description = "Written.", body = Moved),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+        (status = 409, description = "A directory is where the file should go, or a file where \
+            a parent should (`conflict`).", body = ErrorBody),
+        (status = 413, description = "Over the transfer limit (`too_large`).", body = ErrorBody),
+    ),
+)]
 /// `PUT /v1/sessions/{id}/files?path=…&mode=…`: the body becomes the file.
 pub async fn put_file(
     State(daemon): State<Arc<Daemon>>,
@@ -207,6 +232,27 @@ async fn stat_first(managed: &Arc<Managed>, path: &str) -> ApiResult<FileStat> {
     blocking(move || Ok(managed.session.stat(&path)?)).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/files",
+    tag = "files",
+    summary = "Download a file",
+    description = "The file's bytes, streamed. A failure after the status was sent breaks the body off.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    responses(
+        (status = 200, description = "The file.", content(([u8] = "application/octet-stream"))),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+        (status = 409, description = "The path is a directory (`is_a_directory`, `conflict`).", body = ErrorBody),
+    ),
+)]
 /// `GET /v1/sessions/{id}/files?path=…`: the file, streamed.
 pub async fn get_file(
     State(daemon): State<Arc<Daemon>>,
@@ -227,6 +273,31 @@ pub async fn get_file(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/sessions/{id}/tree",
+    tag = "files",
+    summary = "Upload a tree as tar",
+    description = "Unpacks the tar body into the directory, streamed and capped by the session's \
+        transfer limit. Members that would land outside it fail with 422. The body is read \
+        whatever its content type.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    request_body(content = [u8], content_type = "application/x-tar", description = "A tar stream."),
+    responses(
+        (status = 201, description = "Unpacked.", body = Moved),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+        (status = 409, description = "A file is where a directory should go (`conflict`).", body = ErrorBody),
+        (status = 413, description = "Over the transfer limit (`too_large`).", body = ErrorBody),
+    ),
+)]
 /// `PUT /v1/sessions/{id}/tree?path=…`: a tar body unpacked into a directory.
 pub async fn put_tree(
     State(daemon): State<Arc<Daemon>>,
@@ -243,6 +314,27 @@ pub async fn put_tree(
     Ok((StatusCode::CREATED, Json(Moved { bytes })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/tree",
+    tag = "files",
+    summary = "Download a tree as tar",
+    description = "A tar of the path's contents (symlinks stored, not followed), streamed. A \
+        failure after the status was sent breaks the body off.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    responses(
+        (status = 200, description = "The tar stream.", content(([u8] = "application/x-tar"))),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+    ),
+)]
 /// `GET /v1/sessions/{id}/tree?path=…`: a tar of a directory or file.
 pub async fn get_tree(
     State(daemon): State<Arc<Daemon>>,
@@ -271,6 +363,26 @@ fn stat_body(stat: &FileStat) -> Stat {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/files/stat",
+    tag = "files",
+    summary = "A path's metadata",
+    description = "Without following a final symlink.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    responses(
+        (status = 200, description = "The metadata.", body = Stat),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+    ),
+)]
 /// `GET /v1/sessions/{id}/files/stat?path=…`.
 pub async fn stat(
     State(daemon): State<Arc<Daemon>>,
@@ -283,6 +395,27 @@ pub async fn stat(
     Ok(Json(stat_body(&stat)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/files/list",
+    tag = "files",
+    summary = "List a directory",
+    description = "Entries sorted by name, at most 1024.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    responses(
+        (status = 200, description = "The entries.", body = Listing),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+        (status = 409, description = "The path is not a directory (`conflict`).", body = ErrorBody),
+    ),
+)]
 /// `GET /v1/sessions/{id}/files/list?path=…`.
 pub async fn list(
     State(daemon): State<Arc<Daemon>>,
@@ -305,6 +438,26 @@ pub async fn list(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/files/mkdir",
+    tag = "files",
+    summary = "Make a directory",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024), ("parents" = Option<bool>, Query, description = "Make missing parents too.")),
+    responses(
+        (status = 204, description = "Made."),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+        (status = 409, description = "The path exists, or a parent is a file (`conflict`).", body = ErrorBody),
+    ),
+)]
 /// `POST /v1/sessions/{id}/files/mkdir?path=…&parents=true`.
 pub async fn mkdir(
     State(daemon): State<Arc<Daemon>>,
@@ -317,6 +470,28 @@ pub async fn mkdir(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{id}/files",
+    tag = "files",
+    summary = "Remove a path",
+    description = "Removes a file, a symlink, or a directory (with `recursive`, its contents too). \
+        The root cannot be removed.",
+    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, other than `/`, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})(?=/*[^/])/[^\u0000]*$", max_length = 1024), ("recursive" = Option<bool>, Query, description = "Remove a directory's contents too.")),
+    responses(
+        (status = 204, description = "Removed."),
+        (status = 400, description = "A query parameter is missing, unknown or malformed \
+            (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
+        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
+        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
+            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
+        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
+        (status = 409, description = "A directory that is not empty, without `recursive` (`conflict`).", body = ErrorBody),
+    ),
+)]
 /// `DELETE /v1/sessions/{id}/files?path=…&recursive=true`.
 pub async fn delete(
     State(daemon): State<Arc<Daemon>>,

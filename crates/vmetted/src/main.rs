@@ -13,6 +13,7 @@ mod attach;
 mod events;
 mod files;
 mod listener;
+mod openapi;
 mod stdin;
 mod tcp;
 
@@ -56,6 +57,9 @@ struct Args {
     /// socket directory's `token` file.
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
+    /// Print the API's OpenAPI description (docs/openapi.json) and exit.
+    #[arg(long)]
+    openapi: bool,
     /// Say more (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -73,6 +77,18 @@ fn main() -> ExitCode {
             };
         }
     };
+    if args.openapi {
+        return match openapi::json() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("vmetted: cannot write the description: {error}");
+                ExitCode::from(125)
+            }
+        };
+    }
     let level = match args.verbose {
         0 => "warn",
         1 => "info",

@@ -1,0 +1,295 @@
+//! `docs/openapi.json`: the same as what the daemon's route table says
+//! (no VM needed), valid OpenAPI 3.1 by `openapi-spec-validator`, and true
+//! of the daemon, by schemathesis fuzzing a real one over loopback TCP.
+//!
+//! Where a change to the API is intended, re-bless the file with
+//! `VMETTE_BLESS=1 cargo test -p vmetted --test openapi` (or write it with
+//! `vmetted --openapi > docs/openapi.json`) and review the diff.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const VMETTED: &str = env!("CARGO_BIN_EXE_vmetted");
+
+fn committed() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json")
+}
+
+#[test]
+fn docs_openapi_json_is_what_the_routes_say() {
+    let output = Command::new(VMETTED)
+        .arg("--openapi")
+        .output()
+        .expect("vmetted --openapi");
+    assert!(output.status.success(), "{output:?}");
+    let generated = String::from_utf8(output.stdout).expect("UTF-8");
+    assert!(generated.ends_with("}\n"), "no final newline");
+    let again = Command::new(VMETTED)
+        .arg("--openapi")
+        .output()
+        .expect("vmetted --openapi");
+    assert_eq!(
+        generated.as_bytes(),
+        &again.stdout[..],
+        "the description is not stable"
+    );
+    if std::env::var_os("VMETTE_BLESS").is_some() {
+        std::fs::write(committed(), &generated).expect("bless");
+    }
+    let frozen = std::fs::read_to_string(committed()).expect("docs/openapi.json");
+    assert!(
+        frozen == generated,
+        "docs/openapi.json differs from what the daemon's routes describe; if the API change \
+         is intended, re-bless with `VMETTE_BLESS=1 cargo test -p vmetted --test openapi` and \
+         review the diff"
+    );
+}
+
+#[test]
+fn docs_openapi_json_is_valid_openapi_3_1() {
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys\n\
+             from openapi_spec_validator import validate\n\
+             from openapi_spec_validator.readers import read_from_filename\n\
+             spec, _ = read_from_filename(sys.argv[1])\n\
+             assert spec['openapi'].startswith('3.1.'), spec['openapi']\n\
+             validate(spec)\n\
+             print('valid')\n",
+        )
+        .arg(committed())
+        .output()
+        .expect("python3 (openapi-spec-validator comes from setup.sh --with-test-tools)");
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("valid"),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A daemon on loopback TCP, with its own socket directory and TMPDIR
+/// (where its sessions' run directories, and so their VMs' command lines,
+/// are).
+struct Daemon {
+    child: Child,
+    address: String,
+    token: String,
+    tmp: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    /// What the daemon writes to stderr after its address, for a failure's
+    /// message.
+    log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("vmetted-sock-")
+            .tempdir()
+            .expect("dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("vmetted-tmp-")
+            .tempdir()
+            .expect("tmp");
+        let socket_dir = dir.path().join("d");
+        let mut child = Command::new(VMETTED)
+            .arg("--socket-dir")
+            .arg(&socket_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vmetted");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let address = loop {
+            let line = lines.next().expect("a line").expect("read");
+            if let Some(rest) = line.strip_prefix("vmetted: serving http://") {
+                break rest.split_whitespace().next().expect("address").to_string();
+            }
+        };
+        // Drained, so that the daemon never blocks on a full pipe.
+        let (sender, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        let token_file = socket_dir.join("token");
+        assert_eq!(
+            std::fs::metadata(&token_file).expect("token").mode() & 0o777,
+            0o600
+        );
+        let token = std::fs::read_to_string(&token_file)
+            .expect("token")
+            .trim()
+            .to_string();
+        Daemon {
+            child,
+            address,
+            token,
+            tmp,
+            _dir: dir,
+            log,
+        }
+    }
+
+    /// A request over TCP with the token; the status and the JSON body.
+    fn call(&self, method: &str, path: &str) -> (u16, Value) {
+        let output = Command::new("curl")
+            .args(["-sS", "-X", method, "-w", "\n%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg(format!("http://{}{path}", self.address))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("status line");
+        let value = serde_json::from_str(body).unwrap_or(Value::Null);
+        (code.trim().parse().expect("status"), value)
+    }
+
+    fn log(&self) -> String {
+        self.log.try_iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pids of live qemu-system processes whose command line mentions `dir`.
+fn vms_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        if status.contains("State:\tZ") {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let is_qemu = Path::new(std::ffi::OsStr::from_bytes(program))
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("qemu-system"));
+        if is_qemu && cmdline.windows(needle.len()).any(|w| w == needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
+    // Two small sessions at most, so that most fuzzed creates are refused
+    // at once (429) rather than each booting a VM.
+    let daemon = Daemon::start(&["--max-sessions", "2", "--max-memory", "1G"]);
+    let work = tempfile::tempdir().expect("work");
+    let hooks = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis_hooks.py");
+    let started = Instant::now();
+    // The daemon contacts no registry or other host, so schemathesis needs
+    // no offline mode; it reaches only the loopback listener.
+    let mut run = Command::new("schemathesis");
+    run.arg("run")
+        .arg(committed())
+        .arg("--url")
+        .arg(format!("http://{}", daemon.address))
+        .arg("--header")
+        .arg(format!("Authorization: Bearer {}", daemon.token))
+        // Streams that only end with their exec, and the WebSocket attach,
+        // are not request-and-answer routes.
+        .args(["--exclude-path-regex", "/(events|attach)$"])
+        .args(["--checks", "all"])
+        .args(["--max-examples", "25"])
+        .args(["--seed", "1"])
+        // One worker: the VMs take the two cores, and schemathesis' own
+        // generation is not safe on threads of one process (hypothesis
+        // fails with "AST constructor recursion depth mismatch").
+        .args(["--workers", "1"])
+        // Long enough for a boot under emulation, for the request and for
+        // the response-time check.
+        .args(["--request-timeout", "120"])
+        .args(["--max-response-time", "120"])
+        .args(["--generation-database", "none"])
+        .args(["--no-color"])
+        .env("SCHEMATHESIS_HOOKS", &hooks)
+        // Its `.hypothesis` and any report stay out of the source tree.
+        .current_dir(work.path())
+        .stdin(Stdio::null());
+    let output = run
+        .output()
+        .expect("schemathesis (from setup.sh --with-test-tools)");
+    let took = started.elapsed();
+    let report = format!(
+        "schemathesis took {took:?}\n{}{}\n--- vmetted ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        daemon.log()
+    );
+    assert!(output.status.success(), "{report}");
+    eprintln!("schemathesis took {took:?}");
+
+    let (code, status) = daemon.call("GET", "/v1/status");
+    assert_eq!(code, 200, "the daemon no longer serves: {status}\n{report}");
+
+    // Every VM of the daemon is a session it lists.
+    let (code, sessions) = daemon.call("GET", "/v1/sessions");
+    assert_eq!(code, 200, "{sessions}");
+    let sessions = sessions.as_array().expect("a list").clone();
+    let running: Vec<&str> = sessions
+        .iter()
+        .filter(|s| s["state"] == "running")
+        .map(|s| s["id"].as_str().expect("id"))
+        .collect();
+    let vms = vms_under(daemon.tmp.path());
+    assert_eq!(
+        vms.len(),
+        running.len(),
+        "VMs {vms:?} but running sessions {running:?}\n{report}"
+    );
+    for session in &sessions {
+        let id = session["id"].as_str().expect("id");
+        let (code, ended) = daemon.call("DELETE", &format!("/v1/sessions/{id}"));
+        assert!(code == 200 || code == 404, "delete {id}: {code} {ended}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vms_under(daemon.tmp.path()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "VMs left after every session was deleted: {:?}",
+            vms_under(daemon.tmp.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, listed) = daemon.call("GET", "/v1/sessions");
+    assert_eq!(listed, Value::Array(Vec::new()), "sessions left");
+}
