@@ -91,7 +91,7 @@ pub struct SessionRequest {
     #[cfg_attr(feature = "openapi", schema(minimum = 16, maximum = 65536))]
     #[serde(default, deserialize_with = "whole::optional")]
     pub scratch_mib: Option<u64>,
-    /// End the session after this long.
+    /// End the session this long after it is ready, seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(
         feature = "openapi",
@@ -293,21 +293,31 @@ pub struct EventData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(content_encoding = "base64"))]
     pub data: Option<String>,
-    /// For `exit` and `failed`: the shell's exit code.
+    /// For `exit` and `failed`: how the exec ended.
+    #[serde(flatten)]
+    pub end: ExecEnd,
+    /// For `gap`: output bytes this client missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed_bytes: Option<u64>,
+}
+
+/// How an exec ended, in its `exit` or `failed` event and in the attach
+/// WebSocket's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExecEnd {
+    /// The shell's exit code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     /// For `exit`: `exited`, `signaled`, `timed_out` or `session_ended`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// For `exit` after a signal: the signal.
+    /// After a signal: the signal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
-    /// For `failed` and `session_ended`: one sentence.
+    /// For `failed`, `session_ended` and errors: one sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// For `gap`: output bytes this client missed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub missed_bytes: Option<u64>,
 }
 
 /// The attach WebSocket's subprotocol, also its version
@@ -345,18 +355,9 @@ pub struct AttachStatus {
     /// client asked for was refused; the attach goes on).
     #[serde(rename = "type")]
     pub kind: String,
-    /// For `exit` and `failed`: the shell's exit code.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// For `exit`: `exited`, `signaled`, `timed_out` or `session_ended`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// For `exit` after a signal: the signal.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i32>,
-    /// For `failed`, `error` and `session_ended`: one sentence.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
+    /// How the exec ended, or for `error` the `message`.
+    #[serde(flatten)]
+    pub end: ExecEnd,
 }
 
 /// A path's metadata.

@@ -169,14 +169,14 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             "stdout" | "pty" => write_out(&mut std::io::stdout(), &bytes()?),
             "stderr" => write_out(&mut std::io::stderr(), &bytes()?),
             "exit" => {
-                code = data.exit_code;
-                if data.reason.as_deref() == Some("session_ended") {
-                    failure = data.message.clone();
+                code = data.end.exit_code;
+                if data.end.reason.as_deref() == Some("session_ended") {
+                    failure = data.end.message.clone();
                 }
             }
             "failed" => {
-                code = data.exit_code;
-                failure = data.message.clone();
+                code = data.end.exit_code;
+                failure = data.end.message.clone();
             }
             _ => {}
         }

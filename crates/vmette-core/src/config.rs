@@ -116,8 +116,9 @@ pub struct Config {
     /// Size of an ephemeral ext4 disk holding the root's writable layer,
     /// in MiB; `None` keeps the layer in guest memory.
     pub scratch_mib: Option<u64>,
-    /// Kill the VM after this long: a run then reports a timeout, a session
-    /// ends with [`crate::EndReason::SessionTimeout`].
+    /// Kill the VM after this long: a run then reports a timeout (its boot
+    /// counts), a session ends with [`crate::EndReason::SessionTimeout`]
+    /// (counted from when it is ready).
     pub timeout: Option<Duration>,
     /// End a session after this long with no exec running; `None` never.
     pub idle_timeout: Option<Duration>,

@@ -349,12 +349,10 @@ impl Session {
         match Session::boot(engine, config, progress, None, None) {
             Ok(session) => Ok(session),
             Err(BootAbort::Failed(error)) => Err(error),
-            Err(BootAbort::Deadline) => Err(Error::BootFailed {
-                reason: "the session's timeout ran out before the guest was ready".into(),
-                console: String::new(),
-            }),
-            Err(BootAbort::Interrupted(_)) => Err(Error::BootFailed {
-                reason: "interrupted".into(),
+            // Given no deadline and no interrupts, a boot only succeeds or
+            // fails; these cannot come.
+            Err(BootAbort::Deadline | BootAbort::Interrupted(_)) => Err(Error::BootFailed {
+                reason: "the boot was cut short".into(),
                 console: String::new(),
             }),
         }
@@ -369,11 +367,6 @@ impl Session {
     ) -> Result<Session, BootAbort> {
         let started = Instant::now();
         config.validate_machine()?;
-        let session_deadline = config.timeout.and_then(|t| started.checked_add(t));
-        let deadline = match (deadline, session_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         let files = boot::prepare(config, engine.guest_modules(), progress)?;
         let run_dir = tempfile::Builder::new()
             .prefix("vmette-")
@@ -493,6 +486,10 @@ impl Session {
             }),
             changed: Condvar::new(),
         });
+        // A session's own timeout counts from when it is ready: a caller
+        // asking for a minute of sandbox gets a minute to use. (A run's
+        // timeout, `deadline`, covers its boot too.)
+        let session_deadline = config.timeout.and_then(|t| Instant::now().checked_add(t));
         let monitor = Monitor {
             shared: Arc::clone(&shared),
             vm,

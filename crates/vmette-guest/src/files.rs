@@ -238,6 +238,16 @@ fn serve(op: &FileOp, input: &mut Input, output: &mut Output) -> Outcome {
         }
         FileOp::TarOut { limit, .. } => {
             let meta = fs::symlink_metadata(path).map_err(io)?;
+            // Refused before a byte is sent, so the host can still answer
+            // with an error of its own rather than a broken stream.
+            let size = if meta.is_dir() {
+                tar_size(path).map_err(io)?
+            } else {
+                meta.len()
+            };
+            if size > *limit {
+                return Err(too_large(shown, *limit));
+            }
             let mut limited = Limited {
                 inner: &mut *output,
                 left: *limit,
@@ -365,12 +375,87 @@ fn pack_tar(sink: &mut impl Write, path: &Path, is_dir: bool) -> io::Result<()> 
     let mut builder = tar::Builder::new(sink);
     builder.follow_symlinks(false);
     if is_dir {
-        builder.append_dir_all(".", path)?;
+        walk_tree(path, &mut |source, name, meta| {
+            if meta.is_dir() {
+                builder.append_dir(name, source)
+            } else {
+                builder.append_path_with_name(source, name)
+            }
+        })?;
     } else {
         let name = path.file_name().unwrap_or(path.as_os_str());
         builder.append_path_with_name(path, name)?;
     }
     builder.finish()
+}
+
+/// Calls `visit` with each entry of the tree at `root` (itself first,
+/// named `.`), with its name in the tar and its metadata, staying on the
+/// file system `root` is on as `tar --one-file-system` does: below `/`,
+/// the guest's `/proc`, `/sys` and `/dev` (and any share) would be endless,
+/// would block, or are not the tree's. Their mount points are kept, empty.
+/// Sockets, which tar cannot hold, and entries that vanish meanwhile are
+/// passed over.
+fn walk_tree(
+    root: &Path,
+    visit: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let device = fs::symlink_metadata(root)?.dev();
+    let mut directories = vec![(root.to_path_buf(), Path::new(".").to_path_buf())];
+    while let Some((directory, name)) = directories.pop() {
+        let meta = fs::symlink_metadata(&directory)?;
+        visit(&directory, &name, &meta)?;
+        if meta.dev() != device {
+            continue;
+        }
+        let mut children = fs::read_dir(&directory)?.collect::<io::Result<Vec<_>>>()?;
+        children.sort_by_key(fs::DirEntry::file_name);
+        for child in children.into_iter().rev() {
+            let source = child.path();
+            let child_name = name.join(child.file_name());
+            let meta = match fs::symlink_metadata(&source) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                directories.push((source, child_name));
+            } else if !meta.file_type().is_socket() {
+                visit(&source, &child_name, &meta)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The size of the tar [`pack_tar`] makes of the directory `root`, or a
+/// little more: a 512-byte header per entry, a GNU long-name record for a
+/// name or link target of 100 bytes or more, the data of regular files in
+/// 512-byte blocks, and the two zero blocks at the end.
+fn tar_size(root: &Path) -> io::Result<u64> {
+    fn blocks(bytes: u64) -> u64 {
+        bytes.div_ceil(512) * 512
+    }
+    fn long_name(length: usize) -> u64 {
+        if length >= 100 {
+            512 + blocks(length as u64 + 1)
+        } else {
+            0
+        }
+    }
+    let mut total = 1024;
+    walk_tree(root, &mut |source, name, meta| {
+        // A directory's name is stored with a trailing slash.
+        total += 512 + long_name(name.as_os_str().len() + 1);
+        if meta.is_file() {
+            total += blocks(meta.len());
+        } else if meta.file_type().is_symlink() {
+            total += long_name(fs::read_link(source)?.as_os_str().len());
+        }
+        Ok(())
+    })?;
+    Ok(total)
 }
 
 /// Copies `source` to `sink`, failing once more than `limit` bytes came.

@@ -216,6 +216,56 @@ fn files_move_in_and_out_and_failures_are_typed() {
     ));
     still_works(&session);
 
+    // A tree over the limit is refused before a byte of it is sent.
+    let mut tar = Vec::new();
+    assert_eq!(
+        kind_of(session.copy_out_tar("/tmp", &mut tar)),
+        FileErrorKind::TooLarge
+    );
+    assert!(tar.is_empty(), "{} bytes were sent first", tar.len());
+    still_works(&session);
+
+    // A tree stays on its file system: a mount below it (here a tmpfs;
+    // under / the guest's /proc, /sys and /dev) is kept as an empty
+    // directory, and a socket is passed over.
+    let made = session
+        .exec(&ExecSpec::new([
+            "sh",
+            "-c",
+            "mkdir -p /srv/fs/mnt && echo top > /srv/fs/top && mount -t tmpfs none /srv/fs/mnt \
+             && echo inner > /srv/fs/mnt/inner \
+             && perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Local => \"/srv/fs/sock\", Listen => 1) or die'",
+        ]))
+        .expect("exec")
+        .output(1 << 20);
+    assert_eq!(made.status, ExecStatus::Exited(0), "{made:?}");
+    let mut tar = Vec::new();
+    session
+        .copy_out_tar("/srv/fs", &mut tar)
+        .expect("tar of /srv/fs");
+    let mut names: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .expect("entries")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, [".", "mnt", "top"].map(String::from), "{names:?}");
+    let mut root = Vec::new();
+    session
+        .copy_out_tar("/srv/fs/mnt", &mut root)
+        .expect("tar of the mount itself");
+    assert!(tar::Archive::new(&root[..])
+        .entries()
+        .expect("entries")
+        .any(|e| e.expect("entry").path().expect("path").ends_with("inner")));
+    still_works(&session);
+
     // A fifo is no file to read or write: refused at once, not waited on.
     let made = session
         .exec(&ExecSpec::new(["mkfifo", "/tmp/fifo"]))

@@ -27,7 +27,7 @@ use axum::Extension;
 use futures_util::SinkExt;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use vmette::{PtySize, MAX_CHUNK_LEN};
-use vmette_api::{channel, AttachStatus, ErrorBody, ResizeRequest, ATTACH_PROTOCOL};
+use vmette_api::{channel, AttachStatus, ErrorBody, ExecEnd, ResizeRequest, ATTACH_PROTOCOL};
 
 use crate::api::{sentence, tracked, ApiError, ApiPath, ApiResult, Daemon, Tracked};
 use crate::events::Numbered;
@@ -335,13 +335,9 @@ async fn forward(
             "stdout" | "pty" => framed(channel::STDOUT, event.output()),
             "stderr" if !pty => framed(channel::STDERR, event.output()),
             "exit" | "failed" => {
-                let data = event.data();
                 let status = AttachStatus {
                     kind: event.kind.into(),
-                    exit_code: data.exit_code,
-                    reason: data.reason,
-                    signal: data.signal,
-                    message: data.message,
+                    end: event.data().end,
                 };
                 send_status(socket, status).await?;
                 return Ok(true);
@@ -363,10 +359,10 @@ fn framed(channel: u8, payload: &[u8]) -> Message {
 fn error_status(message: String) -> AttachStatus {
     AttachStatus {
         kind: "error".into(),
-        exit_code: None,
-        reason: None,
-        signal: None,
-        message: Some(message),
+        end: ExecEnd {
+            message: Some(message),
+            ..ExecEnd::default()
+        },
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use base64::Engine as _;
 use vmette::{Exec, ExecEvent, ExecStatus};
-use vmette_api::EventData;
+use vmette_api::{EventData, ExecEnd};
 
 /// Most bytes an exec's buffer holds before its pump waits, output and a
 /// fixed cost per event together, so that a flood of tiny events is
@@ -297,33 +297,45 @@ fn output(kind: &'static str, data: Vec<u8>) -> Numbered {
 }
 
 fn exit(status: &ExecStatus) -> Numbered {
-    let ended = |reason: &str| EventData {
-        exit_code: Some(status.shell_code()),
-        reason: Some(reason.into()),
+    let ended = |reason: &str, end: ExecEnd| EventData {
+        end: ExecEnd {
+            exit_code: Some(status.shell_code()),
+            reason: Some(reason.into()),
+            ..end
+        },
         ..EventData::default()
     };
     match status {
-        ExecStatus::Exited(_) => event("exit", ended("exited")),
+        ExecStatus::Exited(_) => event("exit", ended("exited", ExecEnd::default())),
         ExecStatus::Signaled(signal) => event(
             "exit",
-            EventData {
-                signal: Some(*signal),
-                ..ended("signaled")
-            },
+            ended(
+                "signaled",
+                ExecEnd {
+                    signal: Some(*signal),
+                    ..ExecEnd::default()
+                },
+            ),
         ),
-        ExecStatus::TimedOut => event("exit", ended("timed_out")),
+        ExecStatus::TimedOut => event("exit", ended("timed_out", ExecEnd::default())),
         ExecStatus::SessionEnded(reason) => event(
             "exit",
-            EventData {
-                message: Some(reason.to_string()),
-                ..ended("session_ended")
-            },
+            ended(
+                "session_ended",
+                ExecEnd {
+                    message: Some(reason.to_string()),
+                    ..ExecEnd::default()
+                },
+            ),
         ),
         ExecStatus::NotStarted { message, .. } => event(
             "failed",
             EventData {
-                exit_code: Some(status.shell_code()),
-                message: Some(message.clone()),
+                end: ExecEnd {
+                    exit_code: Some(status.shell_code()),
+                    message: Some(message.clone()),
+                    ..ExecEnd::default()
+                },
                 ..EventData::default()
             },
         ),

@@ -125,30 +125,39 @@ async fn with_body<T: Send + 'static>(
 }
 
 /// Streams what `work` writes, on a blocking thread, as the response body.
-fn streamed(
+/// A response body of what `work` writes, on a blocking thread. The
+/// answer waits for its first bytes, so that a failure before any (a tree
+/// the guest refused as over the transfer limit) gets its own status; a
+/// failure after them can only break the body off.
+async fn streamed(
     work: impl FnOnce(&mut BodyWriter) -> Result<(), vmette::Error> + Send + 'static,
-) -> Body {
-    let (chunks, receiver) = mpsc::channel::<io::Result<Bytes>>(PIPE_CHUNKS);
+) -> ApiResult<Body> {
+    let (chunks, mut receiver) = mpsc::channel::<Result<Bytes, vmette::Error>>(PIPE_CHUNKS);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let mut writer = BodyWriter { chunks, runtime };
         if let Err(error) = work(&mut writer) {
-            // The status is sent already; a broken body is what is left.
-            let _ = writer
-                .chunks
-                .blocking_send(Err(io::Error::other(error.to_string())));
+            let _ = writer.chunks.blocking_send(Err(error));
         }
     });
-    Body::from_stream(futures_util::stream::unfold(
-        receiver,
-        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    let first = match receiver.recv().await {
+        Some(Err(error)) => return Err(error.into()),
+        first => first,
+    };
+    let rest = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    });
+    Ok(Body::from_stream(
+        futures_util::stream::iter(first)
+            .chain(rest)
+            .map(|item| item.map_err(|error| io::Error::other(error.to_string()))),
     ))
 }
 
 /// Hands what it is given to the response body; a client that stops
 /// reading for [`BODY_IDLE`] ends the transfer.
 struct BodyWriter {
-    chunks: mpsc::Sender<io::Result<Bytes>>,
+    chunks: mpsc::Sender<Result<Bytes, vmette::Error>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -224,14 +233,6 @@ pub async fn put_file(
     Ok((StatusCode::CREATED, Json(Moved { bytes })))
 }
 
-/// The path's metadata before a download starts, so that a missing path is
-/// a clean error rather than a body broken off after its status.
-async fn stat_first(managed: &Arc<Managed>, path: &str) -> ApiResult<FileStat> {
-    let managed = Arc::clone(managed);
-    let path = path.to_string();
-    blocking(move || Ok(managed.session.stat(&path)?)).await
-}
-
 #[utoipa::path(
     get,
     path = "/v1/sessions/{id}/files",
@@ -251,6 +252,8 @@ async fn stat_first(managed: &Arc<Managed>, path: &str) -> ApiResult<FileStat> {
         (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
         (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
         (status = 409, description = "The path is a directory (`is_a_directory`, `conflict`).", body = ErrorBody),
+        (status = 413, description = "The file is over the transfer limit, refused before a byte \
+            of it was sent (`too_large`).", body = ErrorBody),
     ),
 )]
 /// `GET /v1/sessions/{id}/files?path=…`: the file, streamed.
@@ -261,7 +264,12 @@ pub async fn get_file(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let managed = session(&daemon, &id)?;
-    let stat = stat_first(&managed, &q.path).await?;
+    // A directory gets a hint at the tree route rather than the guest's
+    // refusal.
+    let stat = {
+        let (managed, path) = (Arc::clone(&managed), q.path.clone());
+        blocking(move || Ok(managed.session.stat(&path)?)).await?
+    };
     if stat.kind == FileKind::Directory {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -269,7 +277,7 @@ pub async fn get_file(
             format!("{} is a directory; get it as a tree", q.path),
         ));
     }
-    let body = streamed(move |writer| managed.session.read_file(&q.path, writer).map(drop));
+    let body = streamed(move |writer| managed.session.read_file(&q.path, writer).map(drop)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
@@ -332,6 +340,8 @@ pub async fn put_tree(
         (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
             cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
         (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
+        (status = 413, description = "The tree is over the transfer limit, refused before a byte \
+            of it was sent (`too_large`).", body = ErrorBody),
         (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
     ),
 )]
@@ -343,8 +353,8 @@ pub async fn get_tree(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let managed = session(&daemon, &id)?;
-    stat_first(&managed, &q.path).await?;
-    let body = streamed(move |writer| managed.session.copy_out_tar(&q.path, writer).map(drop));
+    let body =
+        streamed(move |writer| managed.session.copy_out_tar(&q.path, writer).map(drop)).await?;
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
 }
 

@@ -219,7 +219,9 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
     // The daemon contacts no registry or other host, so schemathesis needs
     // no offline mode; it reaches only the loopback listener.
     let mut run = Command::new("schemathesis");
-    run.arg("run")
+    run.arg("--config-file")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis.toml"))
+        .arg("run")
         .arg(committed())
         .arg("--url")
         .arg(format!("http://{}", daemon.address))
@@ -230,6 +232,8 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
         .args(["--exclude-path-regex", "/(events|attach)$"])
         .args(["--checks", "all"])
         .args(["--max-examples", "25"])
+        // The step's bound: the fuzzing and stateful phases stop here.
+        .args(["--max-time", "150"])
         .args(["--seed", "1"])
         // One worker: the VMs take the two cores, and schemathesis' own
         // generation is not safe on threads of one process (hypothesis
