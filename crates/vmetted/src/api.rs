@@ -390,16 +390,16 @@ fn session_body(managed: &Managed) -> SessionInfo {
     tag = "sessions",
     summary = "Boot a session",
     description = "Boots a session and answers once its guest is ready, which takes seconds. \
-        No body, or a body of whitespace, means every default. The body is read whatever its \
-        content type.",
+        The body is read as JSON whatever its content type; `{}` means every default.",
     request_body(
-        content = Option<SessionRequest>,
+        content = SessionRequest,
         content_type = "application/json",
         description = "The session's settings; every field is optional.",
     ),
     responses(
         (status = 201, description = "The session, running.", body = SessionInfo),
-        (status = 400, description = "The body could not be read.", body = ErrorBody),
+        (status = 400, description = "There is no body, or it could not be read \
+            (`bad_request`).", body = ErrorBody),
         (status = 409, description = "Another session has that name (`name_taken`).", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB.", body = ErrorBody),
         (status = 422, description = "The body is not a valid session request, or a value is \
@@ -413,19 +413,23 @@ async fn create_session(
     State(daemon): State<Arc<Daemon>>,
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<(StatusCode, Json<SessionInfo>)> {
-    // No body at all means every default.
-    let request: SessionRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        SessionRequest::default()
-    } else {
-        let value = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                format!("the session request is not valid: {e}"),
-            )
-        })?;
-        object(value)?
-    };
+    // Always a body, `{}` for every default: what the description says is
+    // what is taken, with no second way to ask for a session.
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body must be a session request in JSON; send {} for every default",
+        ));
+    }
+    let value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("the session request is not valid: {e}"),
+        )
+    })?;
+    let request: SessionRequest = object(value)?;
     let mut config = Config::default_machine();
     if let Some(memory) = request.memory_mib {
         config.memory_mib = memory;
