@@ -77,10 +77,11 @@ remove_setup_files() {
             rustup target remove "$target" >/dev/null 2>&1
         fi
     done
-    # Set-up's Python test client and what it pulled in beyond a fresh
-    # machine's packages (certifi, idna, sniffio and typing_extensions are
-    # on one already).
-    python3 -m pip uninstall --quiet --yes httpx httpx-sse httpcore h11 anyio websockets 2>/dev/null || true
+    # Set-up's Python test clients and checkers, and what they pulled in
+    # beyond a fresh machine's packages (certifi, idna, sniffio and
+    # typing_extensions are on one already).
+    python3 -m pip uninstall --quiet --yes httpx httpx-sse httpcore h11 anyio websockets \
+        openapi-spec-validator openapi-schema-validator schemathesis hypothesis 2>/dev/null || true
     rm -rf "${XDG_CACHE_HOME:-$HOME/.cache}/vmette"
     if id -u vmette-e2e >/dev/null 2>&1; then userdel -r vmette-e2e 2>/dev/null || true; fi
 }

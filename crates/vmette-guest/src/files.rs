@@ -394,35 +394,57 @@ fn pack_tar(sink: &mut impl Write, path: &Path, is_dir: bool) -> io::Result<()> 
 /// file system `root` is on as `tar --one-file-system` does: below `/`,
 /// the guest's `/proc`, `/sys` and `/dev` (and any share) would be endless,
 /// would block, or are not the tree's. Their mount points are kept, empty.
-/// Sockets, which tar cannot hold, and entries that vanish meanwhile are
-/// passed over.
+/// Only directories, regular files and symlinks are taken: the host
+/// unpacks nothing else (fifos, devices and sockets are passed over), and
+/// entries that vanish meanwhile (a process's under `/proc`) are too.
 fn walk_tree(
     root: &Path,
     visit: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> io::Result<()>,
 ) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
     let device = fs::symlink_metadata(root)?.dev();
+    let gone = |e: &io::Error| e.kind() == ErrorKind::NotFound;
     let mut directories = vec![(root.to_path_buf(), Path::new(".").to_path_buf())];
     while let Some((directory, name)) = directories.pop() {
-        let meta = fs::symlink_metadata(&directory)?;
+        let top = directory == root;
+        let meta = match fs::symlink_metadata(&directory) {
+            Err(e) if gone(&e) && !top => continue,
+            meta => meta?,
+        };
         visit(&directory, &name, &meta)?;
         if meta.dev() != device {
             continue;
         }
-        let mut children = fs::read_dir(&directory)?.collect::<io::Result<Vec<_>>>()?;
+        let listing = match fs::read_dir(&directory) {
+            Err(e) if gone(&e) && !top => continue,
+            listing => listing?,
+        };
+        let mut children = Vec::new();
+        for child in listing {
+            match child {
+                Ok(child) => children.push(child),
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
         children.sort_by_key(fs::DirEntry::file_name);
         for child in children.into_iter().rev() {
             let source = child.path();
             let child_name = name.join(child.file_name());
             let meta = match fs::symlink_metadata(&source) {
                 Ok(meta) => meta,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) if gone(&e) => continue,
                 Err(e) => return Err(e),
             };
-            if meta.is_dir() {
+            let kind = meta.file_type();
+            if kind.is_dir() {
                 directories.push((source, child_name));
-            } else if !meta.file_type().is_socket() {
-                visit(&source, &child_name, &meta)?;
+            } else if kind.is_file() || kind.is_symlink() {
+                // Gone before its contents or target were read: passed
+                // over, and nothing of it was written yet.
+                match visit(&source, &child_name, &meta) {
+                    Err(e) if gone(&e) => {}
+                    visited => visited?,
+                }
             }
         }
     }

@@ -227,13 +227,15 @@ fn files_move_in_and_out_and_failures_are_typed() {
 
     // A tree stays on its file system: a mount below it (here a tmpfs;
     // under / the guest's /proc, /sys and /dev) is kept as an empty
-    // directory, and a socket is passed over.
+    // directory, and a fifo and a socket, which the host would not
+    // unpack, are passed over.
     let made = session
         .exec(&ExecSpec::new([
             "sh",
             "-c",
             "mkdir -p /srv/fs/mnt && echo top > /srv/fs/top && mount -t tmpfs none /srv/fs/mnt \
              && echo inner > /srv/fs/mnt/inner \
+             && mkfifo /srv/fs/fifo \
              && perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Local => \"/srv/fs/sock\", Listen => 1) or die'",
         ]))
         .expect("exec")
@@ -264,6 +266,12 @@ fn files_move_in_and_out_and_failures_are_typed() {
         .entries()
         .expect("entries")
         .any(|e| e.expect("entry").path().expect("path").ends_with("inner")));
+    // A tree of /proc, whose entries come and go: refused as too large
+    // (its kcore), not broken off or lost.
+    assert_eq!(
+        kind_of(session.copy_out_tar("/proc", &mut Vec::new())),
+        FileErrorKind::TooLarge
+    );
     still_works(&session);
 
     // A fifo is no file to read or write: refused at once, not waited on.
