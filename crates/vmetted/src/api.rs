@@ -27,6 +27,7 @@ use vmette_manager::{Managed, Manager, ManagerError};
 use crate::attach;
 use crate::events::Events;
 use crate::files;
+use crate::openapi::{ExecFailures, ExecPath, JsonBodyFailures, SessionPath};
 use crate::stdin;
 
 /// Largest JSON request body.
@@ -518,7 +519,7 @@ async fn list_sessions(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SessionInf
     path = "/v1/sessions/{id}",
     tag = "sessions",
     summary = "Describe a session",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name.")),
+    params(SessionPath),
     responses(
         (status = 200, description = "The session.", body = SessionInfo),
         (status = 400, description = "The id is not valid UTF-8.", body = ErrorBody),
@@ -539,7 +540,7 @@ async fn get_session(
     tag = "sessions",
     summary = "Stop a session",
     description = "Powers the guest off cleanly, then answers with why the session ended.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name.")),
+    params(SessionPath),
     responses(
         (status = 200, description = "The session is gone.", body = Ended),
         (status = 400, description = "The id is not valid UTF-8.", body = ErrorBody),
@@ -578,14 +579,11 @@ async fn delete_session(
     tag = "execs",
     summary = "Start a command",
     description = "Starts a command in the session; its output is read from the events route.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name.")),
+    params(SessionPath),
     request_body(content = ExecRequest, description = "The command."),
     responses(
         (status = 201, description = "The exec, started.", body = ExecInfo),
-        (status = 400, description = "A path parameter or the body could not be read, or the \
-            body is not JSON (`bad_request`).", body = ErrorBody),
-        (status = 413, description = "The body is over 64 KiB (`bad_request`).", body = ErrorBody),
-        (status = 415, description = "The body is not `application/json` (`bad_request`).", body = ErrorBody),
+        JsonBodyFailures,
         (status = 404, description = "No such session (`not_found`).", body = ErrorBody),
         (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
         (status = 422, description = "The body is JSON but not a valid exec request, or a value is \
@@ -698,8 +696,7 @@ pub(crate) fn tracked(daemon: &Daemon, id: &str, exec: u32) -> ApiResult<Arc<Tra
     summary = "Follow an exec's output as Server-Sent Events",
     description = crate::openapi::EVENTS,
     params(
-        ("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."),
-        ("exec" = u32, Path, description = "The exec's id within the session."),
+        ExecPath,
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event: \
             everything after it is sent. Anything that is not a number counts as 0."),
     ),
@@ -751,7 +748,7 @@ fn sse_event(event: &crate::events::Numbered) -> Event {
     summary = "Write to an exec's stdin",
     description = "Writes the body to the command's stdin, waiting up to 30 s while the guest \
         is full. The body is read whatever its content type.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    params(ExecPath),
     request_body(
         content = [u8],
         content_type = "application/octet-stream",
@@ -761,10 +758,9 @@ fn sse_event(event: &crate::events::Numbered) -> Event {
         (status = 204, description = "Written."),
         (status = 400, description = "The exec id is not a number, or the body could not be \
             read (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
+        ExecFailures,
         (status = 409, description = "Another stdin write to this exec is in progress (`busy`), \
             or the command has ended (`exec_ended`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB (`bad_request`).", body = ErrorBody),
         (status = 500, description = "The write failed (`vmette_failed`).", body = ErrorBody),
         (status = 503, description = "The command left its stdin unread for 30 s; what fitted \
@@ -795,12 +791,11 @@ async fn exec_stdin(
     tag = "execs",
     summary = "End an exec's stdin",
     description = "Ends the command's stdin (Ctrl-D on a PTY). No body.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    params(ExecPath),
     responses(
         (status = 204, description = "Closed."),
         (status = 400, description = "The exec id is not a number (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        ExecFailures,
         (status = 500, description = "Closing failed (`vmette_failed`).", body = ErrorBody),
     ),
 )]
@@ -818,16 +813,12 @@ async fn exec_stdin_close(
     tag = "execs",
     summary = "Signal an exec",
     description = "Sends the signal to the command's process group.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    params(ExecPath),
     request_body(content = SignalRequest, description = "The signal."),
     responses(
         (status = 204, description = "Sent."),
-        (status = 400, description = "A path parameter or the body could not be read, or the \
-            body is not JSON (`bad_request`).", body = ErrorBody),
-        (status = 413, description = "The body is over 64 KiB (`bad_request`).", body = ErrorBody),
-        (status = 415, description = "The body is not `application/json` (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        JsonBodyFailures,
+        ExecFailures,
         (status = 422, description = "The body is JSON but not a valid signal request, or the \
             signal is not 1 to 31 (`invalid`).", body = ErrorBody),
         (status = 500, description = "Sending failed (`vmette_failed`).", body = ErrorBody),
@@ -848,16 +839,12 @@ async fn exec_signal(
     tag = "execs",
     summary = "Resize a PTY exec's terminal",
     description = "Resizes the terminal of an exec started with `tty`; the command gets SIGWINCH.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("exec" = u32, Path, description = "The exec's id within the session.")),
+    params(ExecPath),
     request_body(content = ResizeRequest, description = "The new size."),
     responses(
         (status = 204, description = "Resized."),
-        (status = 400, description = "A path parameter or the body could not be read, or the \
-            body is not JSON (`bad_request`).", body = ErrorBody),
-        (status = 413, description = "The body is over 64 KiB (`bad_request`).", body = ErrorBody),
-        (status = 415, description = "The body is not `application/json` (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session or exec (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
+        JsonBodyFailures,
+        ExecFailures,
         (status = 409, description = "The exec was not started with `tty` (`no_terminal`).", body = ErrorBody),
         (status = 422, description = "The body is JSON but not a valid size, or a side is not 1 \
             to 4096 (`invalid`).", body = ErrorBody),

@@ -32,6 +32,7 @@ use vmette_api::{channel, AttachStatus, ErrorBody, ExecEnd, ResizeRequest, ATTAC
 use crate::api::{sentence, tracked, ApiError, ApiPath, ApiResult, Daemon, Tracked};
 use crate::events::Numbered;
 use crate::listener::ConnectionSlot;
+use crate::openapi::ExecPath;
 use crate::stdin;
 
 /// Largest message (and frame) a client may send: one stdin chunk and its
@@ -64,8 +65,7 @@ const STDIN_QUEUE: usize = 4;
         1009); a text message closes with 1003, an unknown channel with 1008. After the \
         `exit` or `failed` status the daemon closes with 1000. See docs/api.md.",
     params(
-        ("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."),
-        ("exec" = u32, Path, description = "The exec's id within the session."),
+        ExecPath,
         ("Sec-WebSocket-Protocol" = String, Header, description = "Must offer \
             `v1.attach.vmette.dev`; over loopback TCP it may also offer \
             `bearer.vmette.dev.TOKEN` in place of the Authorization header."),

@@ -19,6 +19,7 @@ use vmette_api::{Entry, ErrorBody, Listing, Moved, Stat};
 use vmette_manager::Managed;
 
 use crate::api::{blocking, ApiError, ApiPath, ApiResult, Daemon};
+use crate::openapi::{FileFailures, GuestPath, SessionPath};
 
 /// Chunks in flight between a body and the guest, each as large as the
 /// client or the guest made it.
@@ -186,19 +187,11 @@ fn session(daemon: &Daemon, id: &str) -> ApiResult<Arc<Managed>> {
     summary = "Upload a file",
     description = "Writes the body to the path, creating its parents, streamed and capped by the \
         session's transfer limit (1 GiB). The body is read whatever its content type.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024), ("mode" = Option<String>, Query, description = "Octal permission bits, at most 7777 (default 644).", pattern = r"^\+?0*[0-7]{1,4}$")),
+    params(SessionPath, GuestPath, ("mode" = Option<String>, Query, description = "Octal permission bits, at most 7777 (default 644).", pattern = r"^\+?0*[0-7]{1,4}$")),
     request_body(content = [u8], content_type = "application/octet-stream", description = "The file's bytes."),
     responses(
+        FileFailures,
         (status = 201, description = "Written.", body = Moved),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
         (status = 409, description = "A directory is where the file should go, or a file where \
             a parent should (`conflict`).", body = ErrorBody),
         (status = 413, description = "Over the transfer limit (`too_large`).", body = ErrorBody),
@@ -239,18 +232,10 @@ pub async fn put_file(
     tag = "files",
     summary = "Download a file",
     description = "The file's bytes, streamed. A failure after the status was sent breaks the body off.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    params(SessionPath, GuestPath),
     responses(
+        FileFailures,
         (status = 200, description = "The file.", content(([u8] = "application/octet-stream"))),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
         (status = 409, description = "The path is a directory (`is_a_directory`, `conflict`).", body = ErrorBody),
         (status = 413, description = "The file is over the transfer limit, refused before a byte \
             of it was sent (`too_large`).", body = ErrorBody),
@@ -289,19 +274,11 @@ pub async fn get_file(
     description = "Unpacks the tar body into the directory, streamed and capped by the session's \
         transfer limit. Members that would land outside it fail with 422. The body is read \
         whatever its content type.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    params(SessionPath, GuestPath),
     request_body(content = [u8], content_type = "application/x-tar", description = "A tar stream."),
     responses(
+        FileFailures,
         (status = 201, description = "Unpacked.", body = Moved),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
         (status = 409, description = "A file is where a directory should go (`conflict`).", body = ErrorBody),
         (status = 413, description = "Over the transfer limit (`too_large`).", body = ErrorBody),
     ),
@@ -329,20 +306,12 @@ pub async fn put_tree(
     summary = "Download a tree as tar",
     description = "A tar of the path's contents (symlinks stored, not followed), streamed. A \
         failure after the status was sent breaks the body off.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    params(SessionPath, GuestPath),
     responses(
+        FileFailures,
         (status = 200, description = "The tar stream.", content(([u8] = "application/x-tar"))),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
         (status = 413, description = "The tree is over the transfer limit, refused before a byte \
             of it was sent (`too_large`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
     ),
 )]
 /// `GET /v1/sessions/{id}/tree?path=…`: a tar of a directory or file.
@@ -379,18 +348,10 @@ fn stat_body(stat: &FileStat) -> Stat {
     tag = "files",
     summary = "A path's metadata",
     description = "Without following a final symlink.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    params(SessionPath, GuestPath),
     responses(
+        FileFailures,
         (status = 200, description = "The metadata.", body = Stat),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
     ),
 )]
 /// `GET /v1/sessions/{id}/files/stat?path=…`.
@@ -411,18 +372,10 @@ pub async fn stat(
     tag = "files",
     summary = "List a directory",
     description = "Entries sorted by name, at most 1024.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024)),
+    params(SessionPath, GuestPath),
     responses(
+        FileFailures,
         (status = 200, description = "The entries.", body = Listing),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
         (status = 409, description = "The path is not a directory (`conflict`).", body = ErrorBody),
     ),
 )]
@@ -453,18 +406,10 @@ pub async fn list(
     path = "/v1/sessions/{id}/files/mkdir",
     tag = "files",
     summary = "Make a directory",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$", max_length = 1024), ("parents" = Option<bool>, Query, description = "Make missing parents too.")),
+    params(SessionPath, GuestPath, ("parents" = Option<bool>, Query, description = "Make missing parents too.")),
     responses(
+        FileFailures,
         (status = 204, description = "Made."),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
         (status = 409, description = "The path exists, or a parent is a file (`conflict`).", body = ErrorBody),
     ),
 )]
@@ -487,18 +432,10 @@ pub async fn mkdir(
     summary = "Remove a path",
     description = "Removes a file, a symlink, or a directory (with `recursive`, its contents too). \
         The root cannot be removed.",
-    params(("id" = String, Path, description = "The session's id (`vm-` and 16 hex digits) or name."), ("path" = String, Query, description = "An absolute guest path without `..` or NUL, other than `/`, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})(?=/*[^/])/[^\u0000]*$", max_length = 1024), ("recursive" = Option<bool>, Query, description = "Remove a directory's contents too.")),
+    params(SessionPath, ("path" = String, Query, description = "An absolute guest path without `..` or NUL, other than `/`, at most 4096 bytes, each name in it at most 255 bytes. The schema counts characters, so it allows what fits whatever the characters: names of at most 63 and paths of at most 1024, which also fit the 16 KiB request head once percent-encoded.", pattern = r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})(?=/*[^/])/[^\u0000]*$", max_length = 1024), ("recursive" = Option<bool>, Query, description = "Remove a directory's contents too.")),
     responses(
+        FileFailures,
         (status = 204, description = "Removed."),
-        (status = 400, description = "A query parameter is missing, unknown or malformed \
-            (`bad_request`).", body = ErrorBody),
-        (status = 404, description = "No such session, or no such path in the guest (`not_found`).", body = ErrorBody),
-        (status = 410, description = "The session ended (`session_ended`).", body = ErrorBody),
-        (status = 403, description = "The guest refused access (`file_failed`).", body = ErrorBody),
-        (status = 422, description = "The path is not absolute, has `..` or NUL, or the guest \
-            cannot use it (`invalid`, `file_failed`).", body = ErrorBody),
-        (status = 500, description = "The transfer failed (`vmette_failed`).", body = ErrorBody),
-        (status = 504, description = "The guest took too long (`file_failed`).", body = ErrorBody),
         (status = 409, description = "A directory that is not empty, without `recursive` (`conflict`).", body = ErrorBody),
     ),
 )]

@@ -6,12 +6,16 @@
 //! listener's bearer token and the answers its gate gives, and the busy
 //! answer of a listener with every connection in use.
 
+use std::collections::BTreeMap;
 use utoipa::openapi::content::Content;
 use utoipa::openapi::response::{ResponseBuilder, ResponsesBuilder};
 use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::server::{ServerBuilder, ServerVariableBuilder};
+
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Required};
+use utoipa::{IntoParams, IntoResponses};
 use vmette_api::{AttachStatus, ErrorBody, EventData};
 
 /// What the events route sends, for its description.
@@ -215,4 +219,152 @@ pub fn json() -> serde_json::Result<String> {
     let mut text = description().to_pretty_json()?;
     text.push('\n');
     Ok(text)
+}
+
+/// `{id}` in a route's path: a session.
+pub struct SessionPath;
+
+/// `{id}` and `{exec}` in a route's path: an exec of a session.
+pub struct ExecPath;
+
+/// `?path=`: the guest path a file route works on.
+pub struct GuestPath;
+
+/// What every file route can answer besides its own answers.
+pub struct FileFailures;
+
+/// What every route on one exec answers for a session or exec it cannot
+/// find or use.
+pub struct ExecFailures;
+
+/// What every route with a JSON body answers for one it cannot read.
+pub struct JsonBodyFailures;
+
+fn path_parameter(name: &str, description: &str, schema: ObjectBuilder) -> Parameter {
+    ParameterBuilder::new()
+        .name(name)
+        .parameter_in(ParameterIn::Path)
+        .description(Some(description))
+        .required(Required::True)
+        .schema(Some(schema))
+        .build()
+}
+
+fn session_id() -> Parameter {
+    path_parameter(
+        "id",
+        "The session's id (`vm-` and 16 hex digits) or name.",
+        ObjectBuilder::new().schema_type(Type::String),
+    )
+}
+
+impl IntoParams for SessionPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![session_id()]
+    }
+}
+
+impl IntoParams for ExecPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let exec = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+            .minimum(Some(0));
+        vec![
+            session_id(),
+            path_parameter("exec", "The exec's id within the session.", exec),
+        ]
+    }
+}
+
+impl IntoParams for GuestPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        // The guest takes 4096 bytes, names of 255; a schema counts
+        // characters, so it says what fits whatever they are.
+        let path = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .max_length(Some(1024))
+            .pattern(Some(r"^(?!.*(?:^|/)\.\.(?:/|$))(?!.*[^/]{64})/[^\u0000]*$"));
+        vec![ParameterBuilder::new()
+            .name("path")
+            .parameter_in(ParameterIn::Query)
+            .description(Some(
+                "An absolute guest path without `..` or NUL, at most 4096 bytes, each name in it \
+                 at most 255 bytes. The schema counts characters, so it allows what fits \
+                 whatever the characters: names of at most 63 and paths of at most 1024, which \
+                 also fit the 16 KiB request head once percent-encoded.",
+            ))
+            .required(Required::True)
+            .schema(Some(path))
+            .build()]
+    }
+}
+
+/// A JSON error answer.
+fn error_answer(description: &str) -> RefOr<utoipa::openapi::Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build(),
+    )
+}
+
+fn answers(table: &[(&str, &str)]) -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+    table
+        .iter()
+        .map(|(status, description)| (status.to_string(), error_answer(description)))
+        .collect()
+}
+
+impl IntoResponses for FileFailures {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        answers(&[
+            (
+                "400",
+                "A query parameter is missing, unknown or malformed (`bad_request`).",
+            ),
+            ("403", "The guest refused access (`file_failed`)."),
+            (
+                "404",
+                "No such session, or no such path in the guest (`not_found`).",
+            ),
+            ("410", "The session ended (`session_ended`)."),
+            (
+                "422",
+                "The path is not absolute, has `..` or NUL, or the guest cannot use it \
+                 (`invalid`, `file_failed`).",
+            ),
+            ("500", "The transfer failed (`vmette_failed`)."),
+            ("504", "The guest took too long (`file_failed`)."),
+        ])
+    }
+}
+
+impl IntoResponses for ExecFailures {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        answers(&[
+            ("404", "No such session or exec (`not_found`)."),
+            ("410", "The session ended (`session_ended`)."),
+        ])
+    }
+}
+
+impl IntoResponses for JsonBodyFailures {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        answers(&[
+            (
+                "400",
+                "A path parameter or the body could not be read, or the body is not JSON \
+                 (`bad_request`).",
+            ),
+            ("413", "The body is over 64 KiB (`bad_request`)."),
+            ("415", "The body is not `application/json` (`bad_request`)."),
+        ])
+    }
 }
