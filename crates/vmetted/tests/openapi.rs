@@ -6,16 +6,16 @@
 //! `VMETTE_BLESS=1 cargo test -p vmetted --test openapi` (or write it with
 //! `vmetted --openapi > docs/openapi.json`) and review the diff.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const VMETTED: &str = env!("CARGO_BIN_EXE_vmetted");
+mod support;
+
+use support::{Daemon, VMETTED};
 
 fn committed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json")
@@ -75,110 +75,6 @@ fn docs_openapi_json_is_valid_openapi_3_1() {
     );
 }
 
-/// A daemon on loopback TCP, with its own socket directory and TMPDIR
-/// (where its sessions' run directories, and so their VMs' command lines,
-/// are).
-struct Daemon {
-    child: Child,
-    address: String,
-    token: String,
-    tmp: tempfile::TempDir,
-    _dir: tempfile::TempDir,
-    /// What the daemon writes to stderr after its address, for a failure's
-    /// message.
-    log: std::sync::mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("vmetted-sock-")
-            .tempdir()
-            .expect("dir");
-        let tmp = tempfile::Builder::new()
-            .prefix("vmetted-tmp-")
-            .tempdir()
-            .expect("tmp");
-        let socket_dir = dir.path().join("d");
-        let mut child = Command::new(VMETTED)
-            .arg("--socket-dir")
-            .arg(&socket_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("TMPDIR", tmp.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("vmetted");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let address = loop {
-            let line = lines.next().expect("a line").expect("read");
-            if let Some(rest) = line.strip_prefix("vmetted: serving http://") {
-                break rest.split_whitespace().next().expect("address").to_string();
-            }
-        };
-        // Drained, so that the daemon never blocks on a full pipe.
-        let (sender, log) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        let token_file = socket_dir.join("token");
-        assert_eq!(
-            std::fs::metadata(&token_file).expect("token").mode() & 0o777,
-            0o600
-        );
-        let token = std::fs::read_to_string(&token_file)
-            .expect("token")
-            .trim()
-            .to_string();
-        Daemon {
-            child,
-            address,
-            token,
-            tmp,
-            _dir: dir,
-            log,
-        }
-    }
-
-    /// A request over TCP with the token; the status and the JSON body.
-    fn call(&self, method: &str, path: &str) -> (u16, Value) {
-        let output = Command::new("curl")
-            .args(["-sS", "-X", method, "-w", "\n%{http_code}", "-H"])
-            .arg(format!("Authorization: Bearer {}", self.token))
-            .arg(format!("http://{}{path}", self.address))
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').expect("status line");
-        let value = serde_json::from_str(body).unwrap_or(Value::Null);
-        (code.trim().parse().expect("status"), value)
-    }
-
-    fn log(&self) -> String {
-        self.log.try_iter().collect::<Vec<_>>().join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Pids of live qemu-system processes whose command line mentions `dir`.
 fn vms_under(dir: &Path) -> Vec<u32> {
     let needle = dir.as_os_str().as_encoded_bytes();
@@ -212,7 +108,8 @@ fn vms_under(dir: &Path) -> Vec<u32> {
 fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
     // Two small sessions at most, so that most fuzzed creates are refused
     // at once (429) rather than each booting a VM.
-    let daemon = Daemon::start(&["--max-sessions", "2", "--max-memory", "1G"]);
+    let (daemon, address, token) =
+        Daemon::start_tcp(&["--max-sessions", "2", "--max-memory", "1G"]);
     let work = tempfile::tempdir().expect("work");
     let hooks = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis_hooks.py");
     let started = Instant::now();
@@ -224,9 +121,9 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
         .arg("run")
         .arg(committed())
         .arg("--url")
-        .arg(format!("http://{}", daemon.address))
+        .arg(format!("http://{address}"))
         .arg("--header")
-        .arg(format!("Authorization: Bearer {}", daemon.token))
+        .arg(format!("Authorization: Bearer {token}"))
         // Streams that only end with their exec, and the WebSocket attach,
         // are not request-and-answer routes.
         .args(["--exclude-path-regex", "/(events|attach)$"])
@@ -262,11 +159,11 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
     assert!(output.status.success(), "{report}");
     eprintln!("schemathesis took {took:?}");
 
-    let (code, status) = daemon.call("GET", "/v1/status");
+    let (code, status) = daemon.call("GET", "/v1/status", None);
     assert_eq!(code, 200, "the daemon no longer serves: {status}\n{report}");
 
     // Every VM of the daemon is a session it lists.
-    let (code, sessions) = daemon.call("GET", "/v1/sessions");
+    let (code, sessions) = daemon.call("GET", "/v1/sessions", None);
     assert_eq!(code, 200, "{sessions}");
     let sessions = sessions.as_array().expect("a list").clone();
     let running: Vec<&str> = sessions
@@ -282,7 +179,7 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
     );
     for session in &sessions {
         let id = session["id"].as_str().expect("id");
-        let (code, ended) = daemon.call("DELETE", &format!("/v1/sessions/{id}"));
+        let (code, ended) = daemon.call("DELETE", &format!("/v1/sessions/{id}"), None);
         assert!(code == 200 || code == 404, "delete {id}: {code} {ended}");
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -294,6 +191,6 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (_, listed) = daemon.call("GET", "/v1/sessions");
+    let (_, listed) = daemon.call("GET", "/v1/sessions", None);
     assert_eq!(listed, Value::Array(Vec::new()), "sessions left");
 }
