@@ -329,7 +329,11 @@ impl IntoResponses for FileFailures {
                 "400",
                 "A query parameter is missing, unknown or malformed (`bad_request`).",
             ),
-            ("403", "The guest refused access (`file_failed`)."),
+            (
+                "403",
+                "The guest refused access (`file_failed`), or, on the TCP listener, the request \
+                 came from a web page of another origin (`forbidden_origin`).",
+            ),
             (
                 "404",
                 "No such session, or no such path in the guest (`not_found`).",
