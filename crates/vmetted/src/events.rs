@@ -10,11 +10,13 @@
 //! meanwhile, first a `gap` event saying how many bytes it missed.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use base64::Engine as _;
 use vmette::{Exec, ExecEvent, ExecStatus};
 use vmette_api::{EventData, ExecEnd};
+
+use crate::api::lock;
 
 /// Most bytes an exec's buffer holds before its pump waits, output and a
 /// fixed cost per event together, so that a flood of tiny events is
@@ -95,10 +97,6 @@ struct State {
     last: Option<Numbered>,
     /// Nobody will read any more (the session is gone): the pump stops.
     closed: bool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What a client gets next.
