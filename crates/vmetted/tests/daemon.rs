@@ -16,7 +16,7 @@ use serde_json::Value;
 
 mod support;
 
-use support::{assert_clean, collect, curl, processes_referring_to, Daemon, VMETTED};
+use support::{assert_clean, collect, curl, vms_referring_to, Daemon, VMETTED};
 
 #[test]
 fn sessions_and_execs_over_the_socket() {
@@ -192,11 +192,7 @@ fn sigkill_of_the_daemon_leaves_nothing_and_a_new_one_serves_at_once() {
     }
     let tmp = daemon.tmp.path().to_path_buf();
     assert!(
-        processes_referring_to(&tmp)
-            .iter()
-            .filter(|p| p.contains("qemu-system"))
-            .count()
-            >= 2,
+        vms_referring_to(&tmp).len() >= 2,
         "two VMs should be running"
     );
     daemon.child.kill().expect("SIGKILL");

@@ -6,7 +6,6 @@
 //! `VMETTE_BLESS=1 cargo test -p vmetted --test openapi` (or write it with
 //! `vmetted --openapi > docs/openapi.json`) and review the diff.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use serde_json::Value;
 
 mod support;
 
-use support::{Daemon, VMETTED};
+use support::{vms_referring_to, Daemon, VMETTED};
 
 fn committed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json")
@@ -73,35 +72,6 @@ fn docs_openapi_json_is_valid_openapi_3_1() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// Pids of live qemu-system processes whose command line mentions `dir`.
-fn vms_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.as_os_str().as_encoded_bytes();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-        if status.contains("State:\tZ") {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-        let is_qemu = Path::new(std::ffi::OsStr::from_bytes(program))
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("qemu-system"));
-        if is_qemu && cmdline.windows(needle.len()).any(|w| w == needle) {
-            found.push(pid);
-        }
-    }
-    found
 }
 
 #[test]
@@ -171,7 +141,7 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
         .filter(|s| s["state"] == "running")
         .map(|s| s["id"].as_str().expect("id"))
         .collect();
-    let vms = vms_under(daemon.tmp.path());
+    let vms = vms_referring_to(daemon.tmp.path());
     assert_eq!(
         vms.len(),
         running.len(),
@@ -183,11 +153,11 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
         assert!(code == 200 || code == 404, "delete {id}: {code} {ended}");
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !vms_under(daemon.tmp.path()).is_empty() {
+    while !vms_referring_to(daemon.tmp.path()).is_empty() {
         assert!(
             Instant::now() < deadline,
             "VMs left after every session was deleted: {:?}",
-            vms_under(daemon.tmp.path())
+            vms_referring_to(daemon.tmp.path())
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -27,6 +27,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
+        let daemon = Daemon::spawned(args, Stdio::null());
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// A daemon on new private directories, not yet known to serve.
+    fn spawned(args: &[&str], stderr: Stdio) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("vmetted-sock-")
             .tempdir()
@@ -35,33 +42,23 @@ impl Daemon {
             .prefix("vmetted-tmp-")
             .tempdir()
             .expect("tmp");
-        let child = spawn(&dir.path().join("d"), tmp.path(), args);
-        let daemon = Daemon {
+        let child = spawn(&dir.path().join("d"), tmp.path(), args, stderr);
+        Daemon {
             child,
             dir,
             tmp,
             log: None,
-        };
-        daemon.wait_ready();
-        daemon
+        }
     }
 
     /// A daemon that also serves loopback TCP on a port it picks: the
     /// daemon, the address it reported and its token.
     pub fn start_tcp(args: &[&str]) -> (Daemon, String, String) {
-        let mut daemon = Daemon::start(&[]);
-        daemon.stop();
-        daemon.child = Command::new(VMETTED)
-            .arg("--socket-dir")
-            .arg(daemon.socket_dir())
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("TMPDIR", daemon.tmp.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmetted");
+        let args: Vec<&str> = ["--listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let mut daemon = Daemon::spawned(&args, Stdio::piped());
         let stderr = daemon.child.stderr.take().expect("stderr");
         let (address, reported) = std::sync::mpsc::channel();
         let (lines, log) = std::sync::mpsc::channel();
@@ -116,7 +113,7 @@ impl Daemon {
 
     /// A new daemon on the same directories, after the old one died.
     pub fn restart(&mut self) {
-        self.child = spawn(&self.socket_dir(), self.tmp.path(), &[]);
+        self.child = spawn(&self.socket_dir(), self.tmp.path(), &[], Stdio::null());
         self.wait_ready();
     }
 
@@ -197,7 +194,7 @@ impl Drop for Daemon {
     }
 }
 
-pub fn spawn(socket_dir: &Path, tmp: &Path, args: &[&str]) -> Child {
+pub fn spawn(socket_dir: &Path, tmp: &Path, args: &[&str], stderr: Stdio) -> Child {
     Command::new(VMETTED)
         .arg("--socket-dir")
         .arg(socket_dir)
@@ -205,7 +202,7 @@ pub fn spawn(socket_dir: &Path, tmp: &Path, args: &[&str]) -> Child {
         .env("TMPDIR", tmp)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("spawn vmetted")
 }
@@ -287,6 +284,21 @@ pub fn processes_referring_to(dir: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// The command lines of live VMs (qemu-system processes) that mention
+/// `dir`.
+pub fn vms_referring_to(dir: &Path) -> Vec<String> {
+    processes_referring_to(dir)
+        .into_iter()
+        .filter(|cmdline| {
+            let program = cmdline.split(' ').next().unwrap_or_default();
+            Path::new(program)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("qemu-system"))
+        })
+        .collect()
 }
 
 pub fn assert_clean(tmp: &Path) {
