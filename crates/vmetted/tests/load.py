@@ -42,8 +42,6 @@ RSS_BOUND_KIB = 3 * 1024
 # ten held stdin bodies of the old leak alone were 10 MiB.
 REPEAT_BOUND_KIB = 2 * 1024
 TICKER = ["sh", "-c", "while :; do echo tick; sleep 0.05; done"]
-# The session the helpers below work in.
-SESSION = "load"
 
 
 def fds(pid):
@@ -85,17 +83,17 @@ def client(socket):
     return httpx.AsyncClient(transport=transport, base_url="http://vmette", timeout=120)
 
 
-async def start(http, argv, **extra):
-    created = await http.post(f"/v1/sessions/{SESSION}/execs", json={"argv": argv, **extra})
+async def start(http, session, argv, **extra):
+    created = await http.post(f"/v1/sessions/{session}/execs", json={"argv": argv, **extra})
     assert created.status_code == 201, created.text
     return created.json()["id"]
 
 
-async def run(http, argv):
+async def run(http, session, argv):
     """Stdout and exit code of `argv`, read as events."""
-    exec_id = await start(http, argv)
+    exec_id = await start(http, session, argv)
     out, code = b"", None
-    url = f"/v1/sessions/{SESSION}/execs/{exec_id}/events"
+    url = f"/v1/sessions/{session}/execs/{exec_id}/events"
     async with aconnect_sse(http, "GET", url) as source:
         async for sse in source.aiter_sse():
             data = sse.json()
@@ -107,8 +105,8 @@ async def run(http, argv):
     return out, code
 
 
-async def kill(http, exec_id):
-    killed = await http.post(f"/v1/sessions/{SESSION}/execs/{exec_id}/signal", json={"signal": 9})
+async def kill(http, session, exec_id):
+    killed = await http.post(f"/v1/sessions/{session}/execs/{exec_id}/signal", json={"signal": 9})
     assert killed.status_code == 204, killed.text
 
 
@@ -121,23 +119,23 @@ def rude_socket(socket):
     return raw
 
 
-async def drop_mid_stream(socket, http):
-    exec_id = await start(http, TICKER)
+async def drop_mid_stream(socket, http, session):
+    exec_id = await start(http, session, TICKER)
     raw = rude_socket(socket)
-    raw.sendall(f"GET /v1/sessions/{SESSION}/execs/{exec_id}/events HTTP/1.1\r\nhost: vmette\r\n\r\n".encode())
+    raw.sendall(f"GET /v1/sessions/{session}/execs/{exec_id}/events HTTP/1.1\r\nhost: vmette\r\n\r\n".encode())
     seen = b""
     while b"event: stdout" not in seen:
         chunk = await asyncio.to_thread(raw.recv, 4096)
         assert chunk, "the event stream ended early"
         seen += chunk
     raw.close()
-    await kill(http, exec_id)
+    await kill(http, session, exec_id)
 
 
-async def drop_mid_upload(socket, n):
+async def drop_mid_upload(socket, session, n):
     raw = rude_socket(socket)
     head = (
-        f"PUT /v1/sessions/{SESSION}/files?path=/tmp/upload-{n} HTTP/1.1\r\nhost: vmette\r\n"
+        f"PUT /v1/sessions/{session}/files?path=/tmp/upload-{n} HTTP/1.1\r\nhost: vmette\r\n"
         "content-type: application/octet-stream\r\ncontent-length: 10000000\r\n\r\n"
     )
     raw.sendall(head.encode() + b"u" * (256 * 1024))
@@ -145,31 +143,31 @@ async def drop_mid_upload(socket, n):
     raw.close()
 
 
-async def drop_mid_stdin(socket, http):
-    exec_id = await start(http, ["sleep", "600"], stdin=True)
+async def drop_mid_stdin(socket, http, session):
+    exec_id = await start(http, session, ["sleep", "600"], stdin=True)
     raw = rude_socket(socket)
     head = (
-        f"POST /v1/sessions/{SESSION}/execs/{exec_id}/stdin HTTP/1.1\r\nhost: vmette\r\n"
+        f"POST /v1/sessions/{session}/execs/{exec_id}/stdin HTTP/1.1\r\nhost: vmette\r\n"
         f"content-type: application/octet-stream\r\ncontent-length: {1 << 20}\r\n\r\n"
     )
     raw.sendall(head.encode() + b"s" * (1 << 20))
     await asyncio.sleep(0.2)
     raw.close()
-    await kill(http, exec_id)
+    await kill(http, session, exec_id)
 
 
-async def drop_mid_attach(socket, http):
-    exec_id = await start(http, TICKER, stdin=True)
+async def drop_mid_attach(socket, http, session):
+    exec_id = await start(http, session, TICKER, stdin=True)
     ws = await unix_connect(
         socket,
-        f"ws://vmette/v1/sessions/{SESSION}/execs/{exec_id}/attach",
+        f"ws://vmette/v1/sessions/{session}/execs/{exec_id}/attach",
         subprotocols=["v1.attach.vmette.dev"],
     )
     await ws.send(b"\x00typed but never read\n")
     message = await asyncio.wait_for(ws.recv(), 60)
     assert message[:1] == b"\x01", message
     ws.transport.abort()
-    await kill(http, exec_id)
+    await kill(http, session, exec_id)
 
 
 async def main(socket, pid):
@@ -181,11 +179,11 @@ async def main(socket, pid):
         # Warm-up: one of everything the phases do, so that what is made
         # once (thread pools, allocator arenas) is there before measuring.
         for i in range(8):
-            assert await run(http, ["echo", f"warm-{i}"]) == (f"warm-{i}\n".encode(), 0)
-        await drop_mid_stream(socket, http)
-        await drop_mid_upload(socket, 0)
-        await drop_mid_stdin(socket, http)
-        await drop_mid_attach(socket, http)
+            assert await run(http, "load", ["echo", f"warm-{i}"]) == (f"warm-{i}\n".encode(), 0)
+        await drop_mid_stream(socket, http, "load")
+        await drop_mid_upload(socket, "load", 0)
+        await drop_mid_stdin(socket, http, "load")
+        await drop_mid_attach(socket, http, "load")
     await asyncio.sleep(1)
     warm_fds = fds(pid)
     # What one session holds open (its VM's sockets and pipes).
@@ -195,7 +193,7 @@ async def main(socket, pid):
     async def worker(c):
         async with client(socket) as http:
             for i in range(EXECS_EACH):
-                out, code = await run(http, ["echo", f"{c}-{i}"])
+                out, code = await run(http, "load", ["echo", f"{c}-{i}"])
                 assert (out, code) == (f"{c}-{i}\n".encode(), 0), (c, i, out, code)
 
     started = time.monotonic()
@@ -214,29 +212,28 @@ async def main(socket, pid):
     # (an ended exec's unread output is kept for a client until then):
     # what the allocator keeps after the first round it reuses in the
     # second, while a leak (a dropped client's buffer kept) grows again.
-    global SESSION
     drops = SSE_DROPS + UPLOAD_DROPS + STDIN_DROPS + ATTACH_DROPS
     rounds = []
     for round_ in range(2):
-        SESSION = f"drops-{round_}"
+        session = f"drops-{round_}"
         async with client(socket) as http:
-            created = await http.post("/v1/sessions", json={"name": SESSION})
+            created = await http.post("/v1/sessions", json={"name": session})
             assert created.status_code == 201, created.text
             for _ in range(SSE_DROPS):
-                await drop_mid_stream(socket, http)
+                await drop_mid_stream(socket, http, session)
             for n in range(UPLOAD_DROPS):
-                await drop_mid_upload(socket, n)
+                await drop_mid_upload(socket, session, n)
             for _ in range(STDIN_DROPS):
-                await drop_mid_stdin(socket, http)
+                await drop_mid_stdin(socket, http, session)
             for _ in range(ATTACH_DROPS):
-                await drop_mid_attach(socket, http)
+                await drop_mid_attach(socket, http, session)
         await settled(pid, warm_fds + session_fds, f"after {drops} dropped clients")
         deadline = time.monotonic() + 20
         while pump_threads(pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert pump_threads(pid) == 0, f"{pump_threads(pid)} exec pumps left"
         async with client(socket) as http:
-            deleted = await http.delete(f"/v1/sessions/{SESSION}")
+            deleted = await http.delete(f"/v1/sessions/{session}")
             assert deleted.status_code == 200, deleted.text
         await settled(pid, warm_fds, f"after the session of {drops} dropped clients")
         rounds.append(rss_kib(pid))
@@ -245,10 +242,9 @@ async def main(socket, pid):
             f"{warm_fds} descriptors before and after"
         )
     assert rounds[1] - rounds[0] <= REPEAT_BOUND_KIB, (loaded_rss, rounds)
-    SESSION = "load"
 
     async with client(socket) as http:
-        assert await run(http, ["echo", "still"]) == (b"still\n", 0)
+        assert await run(http, "load", ["echo", "still"]) == (b"still\n", 0)
         deleted = await http.delete("/v1/sessions/load")
         assert deleted.status_code == 200, deleted.text
     await settled(pid, before_session, "after the session was deleted")
