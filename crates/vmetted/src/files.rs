@@ -132,7 +132,7 @@ async fn with_body<T: Send + 'static>(
 /// failure after them can only break the body off.
 async fn streamed(
     work: impl FnOnce(&mut BodyWriter) -> Result<(), vmette::Error> + Send + 'static,
-) -> ApiResult<Body> {
+) -> Result<Body, vmette::Error> {
     let (chunks, mut receiver) = mpsc::channel::<Result<Bytes, vmette::Error>>(PIPE_CHUNKS);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
@@ -142,7 +142,7 @@ async fn streamed(
         }
     });
     let first = match receiver.recv().await {
-        Some(Err(error)) => return Err(error.into()),
+        Some(Err(error)) => return Err(error),
         first => first,
     };
     let rest = futures_util::stream::unfold(receiver, |mut receiver| async move {
@@ -249,20 +249,22 @@ pub async fn get_file(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let managed = session(&daemon, &id)?;
-    // A directory gets a hint at the tree route rather than the guest's
-    // refusal.
-    let stat = {
-        let (managed, path) = (Arc::clone(&managed), q.path.clone());
-        blocking(move || Ok(managed.session.stat(&path)?)).await?
-    };
-    if stat.kind == FileKind::Directory {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "is_a_directory",
-            format!("{} is a directory; get it as a tree", q.path),
-        ));
-    }
-    let body = streamed(move |writer| managed.session.read_file(&q.path, writer).map(drop)).await?;
+    let path = q.path.clone();
+    let body = streamed(move |writer| managed.session.read_file(&q.path, writer).map(drop))
+        .await
+        .map_err(|error| match error {
+            // The guest refuses before a byte is sent; the answer points
+            // at the tree route.
+            vmette::Error::File {
+                kind: FileErrorKind::IsADirectory,
+                ..
+            } => ApiError::new(
+                StatusCode::CONFLICT,
+                "is_a_directory",
+                format!("{path} is a directory; get it as a tree"),
+            ),
+            error => error.into(),
+        })?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 

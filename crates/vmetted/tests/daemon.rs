@@ -475,8 +475,9 @@ fn files_and_trees_over_the_socket() {
         (code, body["error"]["code"].as_str()),
         (404, Some("not_found"))
     );
-    let (code, _) = daemon.call("GET", "/v1/sessions/f/files?path=/srv/tree", None);
+    let (code, body) = daemon.call("GET", "/v1/sessions/f/files?path=/srv/tree", None);
     assert_eq!(code, 409, "a directory is not a file");
+    assert_eq!(body["error"]["code"], "is_a_directory", "{body}");
     let (code, _) = daemon.call("GET", "/v1/sessions/f/files?path=relative", None);
     assert_eq!(code, 422);
     let (code, _) = daemon.call("GET", "/v1/sessions/f/files", None);
