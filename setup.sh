@@ -12,7 +12,9 @@
 #   ./setup.sh [--with-test-tools] [--list-packages]
 #     --with-test-tools  also install what only the tests need: QEMU for
 #                        arm64, shellcheck, tmux, vhost-device-vsock (for the
-#                        test of the macOS engine's guest side), and from
+#                        test of the macOS engine's guest side), a real
+#                        OCI registry with umoci and skopeo (the image
+#                        tests), and from
 #                        PyPI httpx, httpx-sse and websockets (the daemon's
 #                        Python clients), openapi-spec-validator and
 #                        schemathesis (the checks of its OpenAPI file)
@@ -59,6 +61,7 @@ done
 packages=(
     erofs-utils            # mkfs.erofs: the default image
     squashfs-tools         # squashfs root images
+    squashfs-tools-ng      # tar2sqfs: OCI images and tarballs into roots
     e2fsprogs              # mkfs.ext4: scratch disks
     mmdebstrap             # builds the default Debian image
     uidmap                 # newuidmap: user namespaces with subordinate ids
@@ -72,12 +75,14 @@ packages=(
 # the parts together instead of mixing 7.2 with a backported 10.
 qemu_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
 if [ "$test_tools" = yes ]; then
-    packages+=(shellcheck tmux)
+    # A real registry, and the tools that build and push test images.
+    packages+=(shellcheck tmux docker-registry umoci skopeo apache2-utils)
     qemu_packages+=(qemu-system-arm)
 fi
 
 if [ "$list_packages" = yes ]; then
-    printf '%s\n' "${packages[@]}" "${qemu_packages[@]}" shellcheck tmux qemu-system-arm | sort -u
+    printf '%s\n' "${packages[@]}" "${qemu_packages[@]}" shellcheck tmux qemu-system-arm \
+        docker-registry umoci skopeo apache2-utils | sort -u
     exit 0
 fi
 

@@ -9,6 +9,9 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 const RUN_EXAMPLES: &str = "\
 Examples:
   vmette run -- uname -a
+  vmette run python:3.12-slim -- python3 -c 'print(6*7)'
+  vmette run --entrypoint /bin/sh node:22 -- -c 'node --version'
+  vmette run ./rootfs.tar.zst -- ls /
   vmette run --sh 'echo $HOME | wc -c'
   echo hi | vmette run -- cat
   vmette run --share ./src:/src --workdir /src -- ls -la
@@ -21,6 +24,12 @@ terminal itself is the command's, through a PTY in the guest, in raw mode
 here (Ctrl-C and Ctrl-\\ go to the guest). With -i a terminal is forwarded
 without a PTY. Otherwise a terminal is not read.
 
+The image comes first, as with docker run, and the command after --:
+`vmette run uname -a` means the image `uname`. A path (./, ../, /, ~/) is a
+directory, a tarball or a file-system image; `debian` is the default image;
+any other word is looked up in the local store, then pulled from its
+registry (python:3.12 is docker.io/library/python:3.12).
+
 Exit status: the command's own code; 128+N if it died of signal N;
 124 on timeout; 125 if vmette failed before the command ran;
 126/127 if the command could not be started or was not found.";
@@ -30,6 +39,7 @@ Examples:
   vmette shell
   vmette shell --share .:/work:rw --workdir /work
   vmette shell -- python3
+  vmette shell python:3.12-slim
 
 Exits with the shell's own status.";
 
@@ -117,6 +127,11 @@ pub enum Command {
         after_help = "Examples:\n  vmette daemon status --json\n  vmette daemon stop"
     )]
     Daemon(DaemonCommand),
+    /// Pull an image from its registry into the local store.
+    #[command(
+        after_help = "Examples:\n  vmette pull python:3.12-slim\n  vmette pull 127.0.0.1:5000/team/tool:v2\n\nCredentials come from ~/.docker/config.json ($DOCKER_CONFIG), or from\nVMETTE_REGISTRY_HOST, VMETTE_REGISTRY_USERNAME and VMETTE_REGISTRY_PASSWORD."
+    )]
+    Pull(PullArgs),
     /// Fetch the kernel and build the initramfs and default image now.
     #[command(after_help = "Examples:\n  vmette setup\n  vmette setup --rebuild-image")]
     Setup(SetupArgs),
@@ -134,10 +149,48 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Use only images already in the local store; never pull.
+    #[arg(long)]
+    pub offline: bool,
+    /// Reach this registry (HOST[:PORT]) over plain HTTP. Loopback
+    /// registries always are. Repeatable.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    /// Refuse an image or tarball that is, or expands to, more than this.
+    #[arg(long, default_value = "64G", value_name = "SIZE")]
+    pub image_limit: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The image reference.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// Print the stored image as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The image: a registry reference, a name in the local store, a preset
+    /// (debian), or a path to a directory, tarball or file-system image.
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub images: ImageArgs,
+    /// Replace the image's entrypoint; the image's Cmd is then dropped.
+    #[arg(long, value_name = "COMMAND")]
+    pub entrypoint: Option<String>,
+    /// Run the command as this user (NAME, UID, NAME:GROUP or UID:GID).
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
     /// Root file system: a host directory (shared read-only, with a
     /// throwaway overlay) or an erofs/squashfs/ext4 image.
-    #[arg(long, value_name = "DIR|IMAGE")]
+    #[arg(long, value_name = "DIR|IMAGE", conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
     /// Let writes to a directory rootfs reach the host directory.
     #[arg(long)]
@@ -188,8 +241,8 @@ pub struct RunArgs {
     /// Run this line with /bin/sh -c instead of a command.
     #[arg(long, value_name = "LINE", conflicts_with = "command")]
     pub sh: Option<String>,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, value_name = "COMMAND")]
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 

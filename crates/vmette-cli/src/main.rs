@@ -10,6 +10,7 @@ mod cache;
 mod client;
 mod doctor;
 mod progress;
+mod pull;
 mod run;
 mod setup;
 mod terminal;
@@ -35,9 +36,12 @@ fn main() -> ExitCode {
             args.tty = true;
             if args.command.is_empty() && args.sh.is_none() {
                 args.sh = Some(run::IMAGE_SHELL.into());
+                // The shell itself, not the image's entrypoint running it.
+                args.entrypoint.get_or_insert_with(String::new);
             }
             run::run(*args, cli.quiet, cli.verbose)
         }
+        args::Command::Pull(args) => pull::pull(args, cli.quiet),
         args::Command::Create(args) => verbs::create(args),
         args::Command::Exec(args) => verbs::exec(args),
         args::Command::Cp(args) => verbs::cp(args),

@@ -51,3 +51,66 @@ impl Drop for Spinner {
         self.finish();
     }
 }
+
+/// A bar per layer while an image is pulled, on a terminal only.
+pub struct PullBars {
+    bars: indicatif::MultiProgress,
+    layers: Mutex<std::collections::HashMap<String, ProgressBar>>,
+}
+
+impl PullBars {
+    pub fn new(quiet: bool) -> PullBars {
+        let target = if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            indicatif::ProgressDrawTarget::hidden()
+        } else {
+            indicatif::ProgressDrawTarget::stderr()
+        };
+        PullBars {
+            bars: indicatif::MultiProgress::with_draw_target(target),
+            layers: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn short(digest: &str) -> String {
+        digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect()
+    }
+}
+
+impl vmette::images::PullProgress for PullBars {
+    fn layer_started(&self, digest: &str, size: u64) {
+        let bar = self.bars.add(ProgressBar::new(size));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(PullBars::short(digest));
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        layers.insert(digest.to_string(), bar);
+    }
+
+    fn layer_advanced(&self, digest: &str, received: u64) {
+        let layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bar) = layers.get(digest) {
+            bar.set_position(received);
+        }
+    }
+
+    fn layer_done(&self, digest: &str, size: u64, cached: bool) {
+        let mut layers = self.layers.lock().unwrap_or_else(|e| e.into_inner());
+        let bar = layers.remove(digest).unwrap_or_else(|| {
+            let bar = self.bars.add(ProgressBar::new(size));
+            bar.set_prefix(PullBars::short(digest));
+            bar
+        });
+        bar.set_position(size);
+        bar.finish_with_message(if cached { "already stored" } else { "done" });
+    }
+
+    fn packing(&self) {
+        let _ = self.bars.println("packing the root file system");
+    }
+}

@@ -10,8 +10,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vmette::{Accel, Config, OutputStream, Rootfs, RunStatus, Runner, Stdin};
 
-use crate::args::{AccelArg, RunArgs};
-use crate::progress::Spinner;
+use vmette::images::{Images, Settings};
+
+use crate::args::{AccelArg, ImageArgs, RunArgs};
+use crate::progress::{PullBars, Spinner};
 use crate::{terminal, values};
 
 /// `vmette shell` without a command: root's login shell from the image's
@@ -21,7 +23,12 @@ pub const IMAGE_SHELL: &str =
 
 pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> {
     let tty = args.tty;
+    let images = images(&args.images, quiet)?;
     let config = config_from(args)?;
+    let config = {
+        let spinner = Spinner::new(quiet || tty);
+        config.resolve_image(&images, &spinner)?
+    };
     config.validate()?;
 
     // Ctrl-C, SIGTERM and SIGHUP go to the guest command first; the run
@@ -108,13 +115,40 @@ fn parse_each<T>(
         .map_err(anyhow::Error::msg)
 }
 
+/// The image provider the CLI's runs resolve with.
+pub fn images(args: &ImageArgs, quiet: bool) -> anyhow::Result<Images> {
+    let limit = values::size_mib("--image-limit", &args.image_limit)
+        .map_err(anyhow::Error::msg)?
+        .saturating_mul(1 << 20);
+    let images = Images::new(
+        vmette::assets::Cache::locate()?,
+        Settings {
+            offline: args.offline,
+            insecure_registries: args.insecure_registry.clone(),
+            limits: vmette::images::Limits {
+                expanded_bytes: limit,
+                ..vmette::images::Limits::default()
+            },
+            tarball_limit: limit,
+        },
+    );
+    Ok(images.with_progress(PullBars::new(quiet)))
+}
+
 fn config_from(args: RunArgs) -> anyhow::Result<Config> {
     let command = match (&args.sh, args.command.is_empty()) {
         (Some(line), _) => vec!["/bin/sh".to_string(), "-c".to_string(), line.clone()],
         (None, false) => args.command.clone(),
-        (None, true) => bail!("no command given; put it after --, e.g. vmette run -- uname -a"),
+        (None, true) if args.image.is_none() => {
+            bail!("no command given; put it after --, e.g. vmette run -- uname -a")
+        }
+        (None, true) => Vec::new(),
     };
     let mut config = Config::new(command);
+    config.user = args.user;
+    config.entrypoint = args
+        .entrypoint
+        .map(|e| if e.is_empty() { Vec::new() } else { vec![e] });
     config.env = parse_each(&args.env, values::env_pair)?;
     config.shares = parse_each(&args.share, values::share)?;
     config.disks = parse_each(&args.disk, values::disk)?;
@@ -144,7 +178,10 @@ fn config_from(args: RunArgs) -> anyhow::Result<Config> {
     };
     config.rootfs = match args.rootfs {
         None if args.rootfs_rw => bail!("--rootfs-rw needs --rootfs DIR"),
-        None => Rootfs::Default,
+        None => match args.image {
+            Some(image) => Rootfs::Named(image),
+            None => Rootfs::Default,
+        },
         Some(path) if path.is_dir() => Rootfs::Directory {
             path,
             writable: args.rootfs_rw,

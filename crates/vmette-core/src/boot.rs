@@ -96,6 +96,12 @@ pub fn layout(
                 fstype: fstype.into(),
             }
         }
+        (Rootfs::Named(name), _) => {
+            return Err(Error::InvalidConfig {
+                field: "rootfs",
+                reason: format!("the image {name:?} is not resolved yet"),
+            })
+        }
         (Rootfs::Default, None) => {
             return Err(Error::InvalidConfig {
                 field: "rootfs",

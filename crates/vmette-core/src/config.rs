@@ -40,6 +40,10 @@ pub enum Rootfs {
         /// Write through to the directory instead of into a throwaway overlay.
         writable: bool,
     },
+    /// An image named by a word (a preset, a stored image, a registry
+    /// reference), for an [`crate::ImageProvider`] to resolve with
+    /// [`Config::resolve_image`] before the boot.
+    Named(String),
 }
 
 /// A host directory mounted in the guest.
@@ -100,8 +104,17 @@ pub struct Config {
     pub command: Vec<String>,
     /// Environment variables for the command, over the guest's defaults.
     pub env: Vec<(String, String)>,
-    /// Working directory in the guest; `/` when `None`.
+    /// Working directory in the guest; the image's, else `/`, when `None`.
     pub workdir: Option<String>,
+    /// Who the command runs as (`name`, `uid`, `name:group`, `uid:gid`);
+    /// the image's user, else root, when `None`.
+    pub user: Option<String>,
+    /// Replaces the image's entrypoint (Docker's `--entrypoint`); applied
+    /// by [`Config::resolve_image`].
+    pub entrypoint: Option<Vec<String>>,
+    /// What every exec of the machine starts from: the image's `Env`,
+    /// `WorkingDir` and `User`, filled by [`Config::resolve_image`].
+    pub exec_defaults: crate::ExecDefaults,
     /// What the command reads on stdin.
     pub stdin: Stdin,
     /// Run the command on a PTY of this size (stdin then feeds the
@@ -153,6 +166,9 @@ impl Config {
             command: command.into_iter().map(Into::into).collect(),
             env: Vec::new(),
             workdir: None,
+            user: None,
+            entrypoint: None,
+            exec_defaults: crate::ExecDefaults::default(),
             stdin: Stdin::Null,
             pty: None,
             rootfs: Rootfs::Default,
@@ -188,7 +204,10 @@ impl Config {
     /// Checks the fields of the one-shot run's command.
     fn validate_command(&self) -> Result<(), Error> {
         if self.command.is_empty() || self.command[0].is_empty() {
-            return invalid("command", "no command given");
+            return invalid(
+                "command",
+                "no command given, and the image has no Entrypoint or Cmd",
+            );
         }
         if self.command.len() > vmette_proto::MAX_ARGS {
             return invalid("command", "too many arguments");
@@ -207,6 +226,11 @@ impl Config {
         if let Some(dir) = &self.workdir {
             if !dir.starts_with('/') {
                 return invalid("workdir", format!("{dir} is not an absolute path"));
+            }
+        }
+        if let Some(user) = &self.user {
+            if user.is_empty() || user.split(':').count() > 2 {
+                return invalid("user", format!("{user:?} is not USER or USER:GROUP"));
             }
         }
         Ok(())
@@ -259,6 +283,18 @@ impl Config {
             Rootfs::Default => {}
             Rootfs::Image(path) => require_file("rootfs", path)?,
             Rootfs::Directory { path, .. } => require_dir("rootfs", path)?,
+            Rootfs::Named(name) => {
+                return invalid(
+                    "rootfs",
+                    format!("the image {name:?} is not resolved yet (Config::resolve_image)"),
+                )
+            }
+        }
+        if self.entrypoint.is_some() {
+            return invalid(
+                "entrypoint",
+                "is applied by Config::resolve_image, which was not called",
+            );
         }
         if self.shares.len() > vmette_proto::MAX_SHARES {
             return invalid("share", "too many shares");

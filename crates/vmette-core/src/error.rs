@@ -20,6 +20,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The image a [`crate::Rootfs::Named`] root names could not be found
+    /// or fetched; the message names the reference.
+    #[error(transparent)]
+    Image(Box<dyn std::error::Error + Send + Sync>),
     /// The kernel, initramfs or root image could not be prepared.
     #[error("cannot prepare the VM's boot files")]
     Assets(#[source] AssetError),
@@ -87,6 +91,7 @@ impl Error {
         match self {
             Error::InvalidConfig { .. }
             | Error::Assets(_)
+            | Error::Image(_)
             | Error::Protocol(_)
             | Error::SessionEnded(_)
             | Error::ExecEnded

@@ -21,6 +21,7 @@ mod control;
 pub mod engine;
 mod error;
 mod files;
+mod image;
 pub mod process;
 mod run;
 mod session;
@@ -32,6 +33,7 @@ pub use config::{
 };
 pub use engine::{Check, Engine, EngineError, Vm, VmSpec};
 pub use error::Error;
+pub use image::{ExecDefaults, ImageConfig, ImageProvider, ResolvedImage, ResolvedRoot};
 pub use run::{RunOutput, RunStatus, Runner};
 pub use session::{
     EndReason, Exec, ExecEvent, ExecOutput, ExecSpec, ExecStatus, ExecStdin, Session, StopHandle,

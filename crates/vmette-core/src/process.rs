@@ -291,6 +291,20 @@ pub struct HelperProcess {
     succeeded: bool,
 }
 
+/// Spawns a host tool that works for this process outside any run (an
+/// image packer, say): killed when this process dies, as a helper is, but
+/// in this process group, so Ctrl-C reaches it too. The caller owns the
+/// child and must wait for it.
+pub fn spawn_tool(command: &mut Command) -> io::Result<Child> {
+    let parent = std::process::id() as i32;
+    // SAFETY: die_with_parent only makes async-signal-safe calls and uses
+    // no memory of the parent.
+    unsafe {
+        command.pre_exec(move || die_with_parent(parent));
+    }
+    spawn_from_lasting_thread(command)
+}
+
 /// Spawns `command` as a helper of the run that `watchdog` guards: in its
 /// own process group (so Ctrl-C on the terminal reaches vmette, which
 /// decides what the guest gets), with `PR_SET_PDEATHSIG`, and registered

@@ -232,6 +232,7 @@ fn exec_spec(config: &Config) -> ExecSpec {
         argv: config.command.clone(),
         env: config.env.clone(),
         workdir: config.workdir.clone(),
+        user: config.user.clone(),
         stdin: config.stdin != Stdin::Null,
         pty: config.pty,
         timeout: None,

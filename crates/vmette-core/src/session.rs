@@ -27,6 +27,7 @@ use vmette_proto::{
 
 use crate::control::{self, ControlSender, Event, Reserved, StdinWindow};
 use crate::engine::Vm;
+use crate::image::ExecDefaults;
 use crate::process::Watchdog;
 use crate::{boot, Config, Engine, Error};
 
@@ -63,8 +64,11 @@ pub struct ExecSpec {
     /// Environment variables, over the guest's defaults. Nothing of the
     /// host's environment passes unless it is here.
     pub env: Vec<(String, String)>,
-    /// Working directory in the guest; `/` when `None`.
+    /// Working directory in the guest; the image's, else `/`, when `None`.
     pub workdir: Option<String>,
+    /// Who runs the command (`name`, `uid`, `name:group`, `uid:gid`); the
+    /// image's user, else root, when `None`.
+    pub user: Option<String>,
     /// Give the command a stdin pipe to write to ([`Exec::write_stdin`]);
     /// otherwise it reads `/dev/null`. A PTY exec always reads its terminal.
     pub stdin: bool,
@@ -88,6 +92,7 @@ impl ExecSpec {
             argv: argv.into_iter().map(Into::into).collect(),
             env: Vec::new(),
             workdir: None,
+            user: None,
             stdin: false,
             pty: None,
             timeout: None,
@@ -102,6 +107,7 @@ impl ExecSpec {
             workdir: self.workdir.clone(),
             stdin: self.stdin || self.pty.is_some(),
             pty: self.pty,
+            user: self.user.clone(),
         }
     }
 }
@@ -204,6 +210,7 @@ impl ExecEvent {
 pub struct Session {
     shared: Arc<Shared>,
     transfer_limit: u64,
+    exec_defaults: ExecDefaults,
     monitor: Option<JoinHandle<()>>,
     // Released after the monitor, which owns the VM, has ended; the
     // watchdog last, since it guards both.
@@ -504,6 +511,7 @@ impl Session {
         Ok(Session {
             shared,
             transfer_limit: config.transfer_limit,
+            exec_defaults: config.exec_defaults.clone(),
             monitor: Some(monitor),
             run_dir: Some(run_dir),
             watchdog: Some(watchdog),
@@ -514,6 +522,7 @@ impl Session {
     pub fn exec(&self, spec: &ExecSpec) -> Result<Exec, Error> {
         // A timeout too long to represent is no timeout.
         let deadline = spec.timeout.and_then(|t| Instant::now().checked_add(t));
+        let spec = self.exec_defaults.apply(spec);
         self.open(OpKind::Exec, spec.pty.is_some(), deadline, |id| {
             HostMessage::Exec(spec.request(id))
         })

@@ -28,7 +28,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::pty::{openpty, Winsize};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
-use nix::unistd::{setsid, Pid};
+use nix::unistd::{setgid, setgroups, setsid, setuid, Gid, Pid, Uid};
 use vmette_proto::{
     ExecId, ExecRequest, ExitStatus, GuestMessage, OutputStream, PtySize, MAX_CHUNK_LEN,
 };
@@ -170,7 +170,22 @@ impl Execs {
                     None
                 }
             };
+        if let Some(user) = &request.user {
+            let credentials = crate::user::lookup(user).map_err(|e| (e, 125))?;
+            if !request.env.iter().any(|(key, _)| key == "HOME") {
+                command.env("HOME", &credentials.home);
+            }
+            run_as(&mut command, credentials);
+        }
         command.envs(request.env.iter().map(|(k, v)| (k, v)));
+        if let Some(dir) = &request.workdir {
+            // As `docker run` does, a working directory the image or the
+            // caller names is made if the root lacks it.
+            if !std::path::Path::new(dir).exists() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| (format!("cannot create working directory {dir}: {e}"), 125))?;
+            }
+        }
 
         let (status_tx, status_rx) = mpsc::channel();
         let mut child = {
@@ -406,6 +421,28 @@ fn attach_pty(command: &mut Command, size: PtySize) -> io::Result<OwnedFd> {
         });
     }
     Ok(pty.master)
+}
+
+/// Makes `command` drop root for `credentials` just before it execs.
+fn run_as(command: &mut Command, credentials: crate::user::Credentials) {
+    let groups: Vec<Gid> = credentials
+        .groups
+        .iter()
+        .map(|&g| Gid::from_raw(g))
+        .collect();
+    let gid = Gid::from_raw(credentials.gid);
+    let uid = Uid::from_raw(credentials.uid);
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe system
+    // calls; the closure only reads values moved into it before the fork.
+    // Groups go first and the uid last, while the child may still change
+    // them; this runs after a PTY's own setup, which needs root.
+    unsafe {
+        command.pre_exec(move || {
+            setgroups(&groups).map_err(io::Error::from)?;
+            setgid(gid).map_err(io::Error::from)?;
+            setuid(uid).map_err(io::Error::from)
+        });
+    }
 }
 
 fn set_window_size(master: &OwnedFd, size: PtySize) -> io::Result<()> {

@@ -24,6 +24,7 @@ mod exec;
 mod files;
 mod modules;
 mod root;
+mod user;
 
 use std::process::ExitCode;
 

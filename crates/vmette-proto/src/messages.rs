@@ -275,6 +275,10 @@ pub struct ExecRequest {
     /// terminal in a session of its own; stdout then carries the terminal's
     /// output and stderr stays empty.
     pub pty: Option<PtySize>,
+    /// Who runs the command, as an image's `User` is written: `name`,
+    /// `uid`, `name:group` or `uid:gid`, looked up in the root's
+    /// `/etc/passwd` and `/etc/group`; root when absent.
+    pub user: Option<String>,
 }
 
 /// Why a message was refused by [`HostMessage::validate`] or
@@ -461,8 +465,41 @@ impl ExecRequest {
         if let Some(size) = &self.pty {
             size.validate()?;
         }
+        if let Some(user) = &self.user {
+            check_user(user)?;
+        }
         Ok(())
     }
+}
+
+/// Longest user spec: a name and a group, each at most 256 bytes.
+const MAX_USER_LEN: usize = 513;
+
+fn check_user(user: &str) -> Result<(), InvalidMessage> {
+    if user.is_empty() || user.len() > MAX_USER_LEN {
+        return invalid("user", "must be 1 to 513 bytes");
+    }
+    let mut parts = user.split(':');
+    let name = parts.next().unwrap_or_default();
+    let group = parts.next();
+    if parts.next().is_some() {
+        return invalid("user", "must be USER or USER:GROUP");
+    }
+    for part in std::iter::once(name).chain(group) {
+        if part.is_empty() || part.len() > 256 {
+            return invalid("user", "names must be 1 to 256 bytes");
+        }
+        if part
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b'/' || b.is_ascii_whitespace())
+        {
+            return invalid(
+                "user",
+                "names must not contain '/', spaces or control characters",
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -494,6 +531,7 @@ mod tests {
             workdir: None,
             stdin: false,
             pty: None,
+            user: None,
         }
     }
 
@@ -536,6 +574,31 @@ mod tests {
         let mut request = exec(&["env"]);
         request.env = vec![("A=B".into(), "c".into())];
         assert!(HostMessage::Exec(request).validate().is_err());
+    }
+
+    #[test]
+    fn user_specs_are_one_or_two_plain_names() {
+        for good in ["root", "1000", "app:staff", "1000:1000", "www-data"] {
+            let mut request = exec(&["id"]);
+            request.user = Some(good.into());
+            assert_eq!(HostMessage::Exec(request).validate(), Ok(()), "{good}");
+        }
+        let long = "a".repeat(257);
+        for bad in [
+            "",
+            ":",
+            "a:",
+            ":b",
+            "a:b:c",
+            "a b",
+            "a/b",
+            "a\0",
+            long.as_str(),
+        ] {
+            let mut request = exec(&["id"]);
+            request.user = Some(bad.into());
+            assert!(HostMessage::Exec(request).validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

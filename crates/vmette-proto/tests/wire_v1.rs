@@ -61,6 +61,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 workdir: Some("/tmp".into()),
                 stdin: true,
                 pty: None,
+                user: Some("1000:1000".into()),
             })),
         ),
         (
@@ -72,6 +73,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 workdir: None,
                 stdin: true,
                 pty: Some(PtySize { rows: 24, cols: 80 }),
+                user: None,
             })),
         ),
         (

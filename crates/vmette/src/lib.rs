@@ -20,10 +20,16 @@
 //!
 //! For output as it happens, use [`run_streaming`]; for progress reports and
 //! interrupt forwarding, build a [`Runner`] on [`default_engine`].
+//!
+//! A [`Rootfs::Named`] root (`python:3.12-slim`, `debian`, `./root.tar`)
+//! is resolved by [`images`] (`vmette-images`: presets, the local store,
+//! registries) before the boot; [`run`], [`run_streaming`] and
+//! [`start_session`] do that with the user's store and default settings.
 
 #![warn(missing_docs)]
 
 pub use vmette_core::*;
+pub use vmette_images as images;
 
 /// Environment variable that picks the engine by name (`qemu`, `vz`).
 pub const ENGINE_ENV: &str = "VMETTE_ENGINE";
@@ -64,7 +70,14 @@ pub fn default_engine() -> Result<Box<dyn Engine>, Error> {
 /// Runs `config` in a fresh microVM and captures stdout and stderr
 /// separately, each up to `config.capture_limit` bytes.
 pub fn run(config: &Config) -> Result<RunOutput, Error> {
-    Runner::new(&*default_engine()?).run(config)
+    Runner::new(&*default_engine()?).run(&resolve(config)?)
+}
+
+/// `config` with its image resolved by the user's store, as
+/// [`Config::resolve_image`] does.
+pub fn resolve(config: &Config) -> Result<Config, Error> {
+    let images = images::Images::locate().map_err(|e| Error::Image(Box::new(e)))?;
+    config.resolve_image(&images, &assets::Silent)
 }
 
 /// Boots a VM for `config` on the default engine and returns the session
@@ -78,7 +91,7 @@ pub fn run(config: &Config) -> Result<RunOutput, Error> {
 /// # Ok::<(), vmette::Error>(())
 /// ```
 pub fn start_session(config: &Config) -> Result<Session, Error> {
-    Session::start(&*default_engine()?, config, &assets::Silent)
+    Session::start(&*default_engine()?, &resolve(config)?, &assets::Silent)
 }
 
 /// Runs `config`, handing output to `sink` as it is produced.
@@ -86,5 +99,5 @@ pub fn run_streaming(
     config: &Config,
     sink: &mut dyn FnMut(OutputStream, &[u8]),
 ) -> Result<RunOutput, Error> {
-    Runner::new(&*default_engine()?).run_streaming(config, sink)
+    Runner::new(&*default_engine()?).run_streaming(&resolve(config)?, sink)
 }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

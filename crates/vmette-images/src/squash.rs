@@ -1,0 +1,110 @@
+//! Packing a flattened root into a read-only squashfs image with
+//! `tar2sqfs` (squashfs-tools-ng), which reads the tar stream on stdin
+//! and never touches the host's file system but for its output, so owners,
+//! set-id bits, xattrs and hard links survive for an ordinary user.
+//!
+//! lz4, because the guest reads the root under emulation: it decompresses
+//! several times faster there than zstd or xz, and packs a 580 MB tree in
+//! 0.6 s here, where zstd took 24 s.
+
+use std::io::{BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::layers::{self, Layer, LayerError, Limits};
+use crate::{ImageError, Store};
+
+/// Most bytes of the packer's complaints kept for an error.
+const STDERR_LIMIT: u64 = 4096;
+
+/// Flattens `layers` into `store/roots/KEY.sqfs`, unless it is there.
+pub fn pack(
+    store: &Store,
+    key: &str,
+    layers: &[PathBuf],
+    limits: Limits,
+    reference: &str,
+) -> Result<PathBuf, ImageError> {
+    let target = store.root_path(key);
+    if target.is_file() {
+        return Ok(target);
+    }
+    let output = store.temp_file()?;
+    let failed = |reason: String| ImageError::Pack {
+        reference: reference.to_string(),
+        reason,
+    };
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tool = vmette_core::assets::host_tool::locate("tar2sqfs")
+        .unwrap_or_else(|| PathBuf::from("tar2sqfs"));
+    let mut command = Command::new(tool);
+    command
+        .args(["--quiet", "--force", "--compressor", "lz4", "--num-jobs"])
+        .arg(jobs.to_string())
+        .arg(output.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = vmette_core::process::spawn_tool(&mut command).map_err(|e| {
+        failed(format!(
+            "cannot run tar2sqfs ({e}); install squashfs-tools-ng (./setup.sh does)"
+        ))
+    })?;
+    let layer_refs: Vec<Layer<'_>> = layers.iter().map(|p| Layer { path: p }).collect();
+    let flattened = match child.stdin.take() {
+        Some(stdin) => layers::flatten(&layer_refs, limits, BufWriter::new(stdin)),
+        None => Err(LayerError::Write(std::io::Error::other(
+            "no pipe to tar2sqfs",
+        ))),
+    };
+    if flattened.is_err() {
+        let _ = child.kill();
+    }
+    let mut complaint = String::new();
+    if let Some(stderr) = child.stderr.take() {
+        let _ = stderr.take(STDERR_LIMIT).read_to_string(&mut complaint);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| failed(format!("cannot wait for tar2sqfs: {e}")))?;
+    match flattened {
+        Err(LayerError::Write(_)) if !status.success() => {
+            return Err(failed(format!("tar2sqfs failed: {}", complaint.trim())))
+        }
+        Err(error) => {
+            return Err(ImageError::Refused {
+                reference: reference.to_string(),
+                reason: error.to_string(),
+            })
+        }
+        Ok(()) if !status.success() => {
+            return Err(failed(format!("tar2sqfs failed: {}", complaint.trim())))
+        }
+        Ok(()) => {}
+    }
+    output
+        .as_file()
+        .sync_all()
+        .map_err(ImageError::store("cannot flush a packed root"))?;
+    store.persist(output, &target)?;
+    Ok(target)
+}
+
+/// Whether `path` starts like a tar stream, plain or compressed.
+pub fn looks_like_tarball(path: &Path) -> bool {
+    let mut head = [0u8; 512];
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut seen = 0;
+    while seen < head.len() {
+        match file.read(&mut head[seen..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen += n,
+        }
+    }
+    let head = &head[..seen];
+    head.starts_with(&[0x1f, 0x8b])
+        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || (seen == 512 && &head[257..262] == b"ustar")
+}
