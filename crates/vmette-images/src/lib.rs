@@ -16,7 +16,7 @@
 //!
 //! An image's layers are flattened top-down into one tar stream
 //! ([`layers`]) and packed by `tar2sqfs` into one read-only squashfs root
-//! per set of layers ([`squash`]): the host never unpacks a file, so owners,
+//! per set of layers (`squash.rs`): the host never unpacks a file, so owners,
 //! set-id bits, xattrs and hard links survive for an ordinary user, and no
 //! device node is made.
 
