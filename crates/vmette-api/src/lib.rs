@@ -119,6 +119,13 @@ pub struct SessionRequest {
     /// an erofs, squashfs or ext4 image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<RootfsRequest>,
+    /// The image instead of the default one (not with `rootfs`): a registry
+    /// reference (`python:3.12-slim`), a name in the daemon's store, a
+    /// preset (`debian`), or an absolute path to a directory, tarball or
+    /// file-system image. Its Env, WorkingDir and User apply to every exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 4096))]
+    pub image: Option<String>,
 }
 
 /// A host directory mounted in a session's guest.
@@ -244,6 +251,15 @@ pub struct ExecRequest {
     )]
     #[serde(deserialize_with = "whole::optional")]
     pub timeout_ms: Option<u64>,
+    /// Who runs it: `name`, `uid`, `name:group` or `uid:gid` (printable
+    /// ASCII without `/`), from the root's own `/etc/passwd`; the image's
+    /// user (else root) by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[!-.0-9;-~]{1,256}(:[!-.0-9;-~]{1,256})?$")
+    )]
+    pub user: Option<String>,
 }
 
 /// A started exec.

@@ -46,6 +46,7 @@ Exits with the shell's own status.";
 const CREATE_EXAMPLES: &str = "\
 Examples:
   vmette create --name work
+  vmette create --name py python:3.12-slim
   id=$(vmette create --memory 1G | tail -n 1)
   vmette create --name ci --timeout 1h --idle-timeout 10m
 
@@ -248,6 +249,11 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    /// The image, as for `vmette run`; the default image when absent.
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub images: ImageArgs,
     /// A unique name to use instead of the id.
     #[arg(long)]
     pub name: Option<String>,
@@ -273,7 +279,7 @@ pub struct CreateArgs {
     #[arg(long, value_name = "IMAGE[:ro]")]
     pub disk: Vec<String>,
     /// Root file system: a host directory or an erofs/squashfs/ext4 image.
-    #[arg(long, value_name = "DIR|IMAGE")]
+    #[arg(long, value_name = "DIR|IMAGE", conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
     /// Let writes to a directory rootfs reach the host directory.
     #[arg(long)]
@@ -282,6 +288,9 @@ pub struct CreateArgs {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
+    /// Run the command as this user (NAME, UID, NAME:GROUP or UID:GID).
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
     /// Give the command a terminal: a PTY in the guest, this terminal in raw mode.
     #[arg(short = 't', long)]
     pub tty: bool,

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use base64::Engine as _;
 use vmette_api::{ExecInfo, ExecRequest, SessionInfo, SessionRequest, Stat};
 
-use crate::args::{CpArgs, CreateArgs, DaemonCommand, ExecArgs, StopArgs};
+use crate::args::{CpArgs, CreateArgs, DaemonCommand, ExecArgs, ImageArgs, StopArgs};
 use crate::client::{ApiFailure, Client};
 use crate::{terminal, values};
 
@@ -70,11 +70,27 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
             None if args.rootfs_rw => bail!("--rootfs-rw needs --rootfs DIR"),
             None => None,
         },
+        image: args
+            .image
+            .as_deref()
+            .map(|image| image_for_daemon(image, &args.images))
+            .transpose()?,
     };
     let client = Client::connect(true)?;
     let session: SessionInfo = client.json("POST", "/v1/sessions", Some(&request))?;
     println!("{}", session.id);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The image as the daemon should take it: a path made absolute, and a
+/// registry image pulled here first, so its progress shows on this
+/// terminal and the daemon finds it in the store they share.
+fn image_for_daemon(image: &str, settings: &ImageArgs) -> anyhow::Result<String> {
+    if let Some(path) = vmette::images::as_path(image) {
+        return absolute(&path);
+    }
+    crate::run::images(settings, false)?.resolve_word(image, &vmette::assets::Silent)?;
+    Ok(image.to_string())
 }
 
 /// A host path as the daemon needs it: absolute, and existing.
@@ -101,6 +117,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?,
         workdir: args.workdir,
+        user: args.user,
         stdin: forward,
         tty: args.tty,
         rows: size.map(|s| s.rows),

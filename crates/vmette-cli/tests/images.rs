@@ -33,6 +33,13 @@ impl Images {
     }
 
     fn run_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
+        let output = self.run_live(args, env);
+        self.sandbox.assert_clean();
+        output
+    }
+
+    /// Runs vmette, leaving what it started (a daemon) running.
+    fn run_live(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
         let mut command = self.sandbox.command(args);
         command.env("VMETTE_CACHE_DIR", &self.cache_path);
         command.env_remove("DOCKER_CONFIG");
@@ -40,9 +47,7 @@ impl Images {
             command.env(key, value);
         }
         let child = command.spawn().expect("spawn vmette");
-        let output = support::wait_with_limit(child, support::RUN_LIMIT);
-        self.sandbox.assert_clean();
-        output
+        support::wait_with_limit(child, support::RUN_LIMIT)
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -59,6 +64,20 @@ impl Images {
             .unwrap_or_default();
         names.sort();
         names
+    }
+}
+
+/// Stops the test's daemon however the test ends.
+struct StopsDaemon<'a> {
+    images: &'a Images,
+    runtime: &'a Path,
+}
+
+impl Drop for StopsDaemon<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .images
+            .run_live(&["daemon", "stop"], &[("XDG_RUNTIME_DIR", self.runtime)]);
     }
 }
 
@@ -148,6 +167,35 @@ fn an_image_runs_with_its_layers_and_config_applied() {
         "echo $FOO; pwd; id -u",
     ]);
     assert_eq!(ok(&output), "override\n/tmp\n0\n");
+
+    // A daemon session takes the image's config as every exec's defaults.
+    let runtime = tempfile::tempdir().expect("a runtime directory");
+    let env = [("XDG_RUNTIME_DIR", runtime.path())];
+    let _daemon = StopsDaemon {
+        images: &images,
+        runtime: runtime.path(),
+    };
+    ok(&images.run_live(&["create", "--name", "img", &reference], &env));
+    let output = images.run_live(
+        &["exec", "img", "--", "sh", "-c", "echo $FOO; pwd; id -u"],
+        &env,
+    );
+    assert_eq!(ok(&output), "bar\n/work\n1234\n");
+    let output = images.run_live(
+        &[
+            "exec",
+            "--user",
+            "0:0",
+            "img",
+            "--",
+            "sh",
+            "-c",
+            "id -u; id -g",
+        ],
+        &env,
+    );
+    assert_eq!(ok(&output), "0\n0\n");
+    ok(&images.run_with(&["daemon", "stop"], &env));
 }
 
 #[test]

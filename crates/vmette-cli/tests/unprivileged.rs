@@ -131,6 +131,39 @@ fn an_ordinary_user_runs_vms_and_shares() {
         uid,
         "the guest's root must map to the user on the host"
     );
+    // An image converted by the user: owners, set-id bits, hard links and
+    // xattrs of the tarball survive in the root, with no root on the host.
+    let tarball = root.join("root.tar");
+    write_tarball(&tarball);
+    let word = tarball.display().to_string();
+    let output = as_user(&[
+        "run",
+        &word,
+        "--",
+        "/bin/sh",
+        "-c",
+        "stat -c %u:%g:%a /bin/suid /home/owned; stat -c %h /etc/hl-b",
+    ]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    assert_eq!(support::stdout(&output), "0:0:4755\n1234:1234:640\n2\n");
+    let roots: Vec<_> = std::fs::read_dir(root.join("cache/vmette/store/roots"))
+        .expect("the user's store")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(roots.len(), 1, "{roots:?}");
+    let xattrs = Command::new("rdsquashfs")
+        .arg("-x")
+        .arg("home/owned")
+        .arg(&roots[0])
+        .output()
+        .expect("rdsquashfs");
+    assert!(
+        String::from_utf8_lossy(&xattrs.stdout).contains("user.origin"),
+        "xattrs: {}",
+        String::from_utf8_lossy(&xattrs.stdout)
+    );
+
     let left: Vec<_> = std::fs::read_dir(&tmp)
         .expect("tmp")
         .flatten()
@@ -138,6 +171,47 @@ fn an_ordinary_user_runs_vms_and_shares() {
         .collect();
     assert!(left.is_empty(), "run dirs left behind: {left:?}");
     assert!(Path::new(&made).exists());
+}
+
+/// A root tarball a user could not unpack without root: a set-uid file,
+/// a file of another owner with an xattr, and a hard link.
+fn write_tarball(path: &Path) {
+    let tree = tempfile::tempdir().expect("a tree");
+    support::busybox_tree(tree.path());
+    let mut builder = tar::Builder::new(std::fs::File::create(path).expect("create the tarball"));
+    builder
+        .append_dir_all(".", tree.path())
+        .expect("add the busybox tree");
+    let busybox = std::fs::read(tree.path().join("bin/busybox")).expect("busybox");
+    let file = |builder: &mut tar::Builder<std::fs::File>, name: &str, data: &[u8], mode, uid| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(mode);
+        header.set_uid(uid);
+        header.set_gid(uid);
+        header.set_size(data.len() as u64);
+        builder
+            .append_data(&mut header, name, data)
+            .expect("add a file");
+    };
+    file(&mut builder, "bin/suid", &busybox, 0o4755, 0);
+    file(&mut builder, "etc/hl-a", b"linked\n", 0o644, 0);
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Link);
+    link.set_size(0);
+    builder
+        .append_link(&mut link, "etc/hl-b", "etc/hl-a")
+        .expect("add a hard link");
+    let record = b"30 SCHILY.xattr.user.origin=t\n";
+    let mut pax = tar::Header::new_ustar();
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_path("././@PaxHeader").expect("pax path");
+    pax.set_size(record.len() as u64);
+    pax.set_cksum();
+    builder.append(&pax, &record[..]).expect("add the xattr");
+    std::fs::create_dir_all(tree.path().join("home")).expect("home");
+    file(&mut builder, "home/owned", b"x", 0o640, 1234);
+    builder.finish().expect("finish the tarball");
 }
 
 fn run_as_current_user() {

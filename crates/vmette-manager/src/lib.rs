@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use vmette_core::assets::Silent;
-use vmette_core::{Config, EndReason, Engine, Session, STOP_GRACE};
+use vmette_core::{Config, EndReason, Engine, ImageProvider, Session, STOP_GRACE};
 
 /// Default idle eviction: a session with no exec for this long ends.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -157,6 +157,7 @@ pub struct Status {
 /// The registry of live sessions.
 pub struct Manager {
     engine: Box<dyn Engine>,
+    images: Box<dyn ImageProvider>,
     limits: Limits,
     registry: Mutex<Registry>,
 }
@@ -211,10 +212,12 @@ fn check_name(name: &str) -> Result<(), ManagerError> {
 }
 
 impl Manager {
-    /// A manager that starts sessions on `engine` within `limits`.
-    pub fn new(engine: Box<dyn Engine>, limits: Limits) -> Manager {
+    /// A manager that starts sessions on `engine` within `limits`, with
+    /// named images resolved by `images`.
+    pub fn new(engine: Box<dyn Engine>, images: Box<dyn ImageProvider>, limits: Limits) -> Manager {
         Manager {
             engine,
+            images,
             limits,
             registry: Mutex::new(Registry::default()),
         }
@@ -226,7 +229,8 @@ impl Manager {
     }
 
     /// Boots a session for `config`, named `name` if given, once the limits
-    /// admit it; a refusal is immediate and starts nothing.
+    /// admit it; a refusal starts nothing. A named image is resolved (and
+    /// pulled, if need be) first.
     pub fn create(
         &self,
         config: &Config,
@@ -235,8 +239,8 @@ impl Manager {
         if let Some(name) = name {
             check_name(name)?;
         }
+        let mut config = config.resolve_image(&*self.images, &Silent)?;
         config.validate_machine()?;
-        let mut config = config.clone();
         if config.idle_timeout.is_none() {
             config.idle_timeout = self.limits.idle_timeout;
         }

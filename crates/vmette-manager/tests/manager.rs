@@ -17,6 +17,7 @@ fn machine(memory_mib: u32) -> Config {
 fn limits_names_removal_and_idle_eviction() {
     let manager = Manager::new(
         vmette::default_engine().expect("engine"),
+        Box::new(vmette::images::Images::locate().expect("the image store")),
         Limits {
             max_sessions: 2,
             max_memory_mib: 900,

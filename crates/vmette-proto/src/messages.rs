@@ -489,13 +489,10 @@ fn check_user(user: &str) -> Result<(), InvalidMessage> {
         if part.is_empty() || part.len() > 256 {
             return invalid("user", "names must be 1 to 256 bytes");
         }
-        if part
-            .bytes()
-            .any(|b| b.is_ascii_control() || b == b'/' || b.is_ascii_whitespace())
-        {
+        if !part.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
             return invalid(
                 "user",
-                "names must not contain '/', spaces or control characters",
+                "names must be printable ASCII without '/' or spaces",
             );
         }
     }
@@ -588,6 +585,7 @@ mod tests {
             "",
             ":",
             "a:",
+            "é",
             ":b",
             "a:b:c",
             "a b",

@@ -193,8 +193,27 @@ impl From<vmette::Error> for ApiError {
             vmette::Error::Unpack(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
             }
+            vmette::Error::Image(error) => image_error(&*error, message),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vmette_failed", message),
         }
+    }
+}
+
+/// An image that could not be resolved: the caller's mistake (422, 404),
+/// or the registry's (502).
+fn image_error(error: &(dyn std::error::Error + 'static), message: String) -> ApiError {
+    use vmette::images::ImageError;
+    match error.downcast_ref::<ImageError>() {
+        Some(ImageError::NotFound { .. } | ImageError::NotStored { .. }) => {
+            ApiError::new(StatusCode::NOT_FOUND, "image_not_found", message)
+        }
+        Some(ImageError::Auth { .. } | ImageError::Unreachable { .. }) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "registry_failed", message)
+        }
+        Some(
+            ImageError::BadReference { .. } | ImageError::Refused { .. } | ImageError::File { .. },
+        ) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "image_refused", message),
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vmette_failed", message),
     }
 }
 
@@ -401,13 +420,18 @@ fn session_body(managed: &Managed) -> SessionInfo {
         (status = 201, description = "The session, running.", body = SessionInfo),
         (status = 400, description = "There is no body, or it could not be read \
             (`bad_request`).", body = ErrorBody),
+        (status = 404, description = "The image is not in the registry, or not in the store \
+            of an offline daemon (`image_not_found`).", body = ErrorBody),
         (status = 409, description = "Another session has that name (`name_taken`).", body = ErrorBody),
         (status = 413, description = "The body is over 64 KiB.", body = ErrorBody),
         (status = 422, description = "The body is not a valid session request, or a value is \
-            out of range (`invalid`).", body = ErrorBody),
+            out of range (`invalid`), or the image is not a valid reference or breaks a \
+            rule (`image_refused`).", body = ErrorBody),
         (status = 429, description = "The session would exceed the daemon's session count or \
             memory budget (`limit_reached`); nothing was started.", body = ErrorBody),
         (status = 500, description = "The VM did not boot (`vmette_failed`).", body = ErrorBody),
+        (status = 502, description = "The image's registry refused the credentials or could \
+            not be reached (`registry_failed`).", body = ErrorBody),
     ),
 )]
 async fn create_session(
@@ -472,6 +496,30 @@ async fn create_session(
             path: absolute("disk", &disk.path)?,
             read_only: disk.read_only,
         });
+    }
+    if let Some(image) = &request.image {
+        if request.rootfs.is_some() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "give an image or a rootfs, not both",
+            ));
+        }
+        if image.is_empty() || image.len() > 4096 {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "an image is 1 to 4096 bytes",
+            ));
+        }
+        if image.starts_with('.') || image.starts_with('~') {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "an image path must be absolute",
+            ));
+        }
+        config.rootfs = vmette::Rootfs::Named(image.clone());
     }
     if let Some(rootfs) = &request.rootfs {
         let path = absolute("rootfs", &rootfs.path)?;
@@ -616,6 +664,7 @@ async fn create_exec(
     let mut spec = ExecSpec::new(request.argv);
     spec.env = request.env.into_iter().collect();
     spec.workdir = request.workdir;
+    spec.user = request.user;
     spec.stdin = request.stdin;
     spec.pty = request.tty.then(|| PtySize {
         rows: request.rows.unwrap_or(24),

@@ -57,6 +57,13 @@ struct Args {
     /// socket directory's `token` file.
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
+    /// Use only images already in the store; never pull.
+    #[arg(long)]
+    offline: bool,
+    /// Reach this registry (HOST[:PORT]) over plain HTTP; loopback ones
+    /// always are. Repeatable.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
     /// Print the API's OpenAPI description (docs/openapi.json) and exit.
     #[arg(long)]
     openapi: bool,
@@ -133,7 +140,16 @@ fn serve(args: Args) -> anyhow::Result<()> {
         None => listener::default_dir()?,
     };
     let engine = vmette::default_engine()?;
-    let daemon = api::Daemon::new(Manager::new(engine, limits));
+    let images = vmette::images::Images::new(
+        vmette::assets::Cache::locate()?,
+        vmette::images::Settings {
+            offline: args.offline,
+            insecure_registries: args.insecure_registry.clone(),
+            tarball_limit: vmette::images::DEFAULT_TARBALL_LIMIT,
+            ..vmette::images::Settings::default()
+        },
+    );
+    let daemon = api::Daemon::new(Manager::new(engine, Box::new(images), limits));
     // Made now, filled by pause and resume later; a restart never clears it.
     if let Some(state) = vmette_api::state_dir() {
         use std::os::unix::fs::DirBuilderExt;

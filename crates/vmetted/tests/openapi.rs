@@ -79,7 +79,7 @@ fn schemathesis_finds_no_fault_in_the_daemon_over_tcp() {
     // Two small sessions at most, so that most fuzzed creates are refused
     // at once (429) rather than each booting a VM.
     let (daemon, address, token) =
-        Daemon::start_tcp(&["--max-sessions", "2", "--max-memory", "1G"]);
+        Daemon::start_tcp(&["--max-sessions", "2", "--max-memory", "1G", "--offline"]);
     let work = tempfile::tempdir().expect("work");
     let hooks = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis_hooks.py");
     let started = Instant::now();
