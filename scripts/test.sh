@@ -5,7 +5,7 @@
 #   formatting and lints; the macOS engine type-checked from Linux and the
 #   arm64 guest agent built; unit tests; end-to-end tests on real microVMs
 #   (including runs as an unprivileged user); a check that nothing was left
-#   running or lying around; and a short start-up benchmark.
+#   running or lying around; and short start-up and image benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,3 +88,6 @@ VMETTE_BENCH_QEMU="$chatty/qemu" scripts/bench.sh 1 >/dev/null
 
 say "start-up benchmark"
 scripts/bench.sh 5
+
+say "image benchmark (short; scripts/bench-images.sh 10 for figures)"
+scripts/bench-images.sh 2
