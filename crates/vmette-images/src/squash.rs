@@ -52,7 +52,11 @@ pub fn pack(
     })?;
     let layer_refs: Vec<Layer<'_>> = layers.iter().map(|p| Layer { path: p }).collect();
     let flattened = match child.stdin.take() {
-        Some(stdin) => layers::flatten(&layer_refs, limits, BufWriter::new(stdin)),
+        Some(stdin) => layers::flatten(
+            &layer_refs,
+            limits,
+            BufWriter::with_capacity(1 << 20, stdin),
+        ),
         None => Err(LayerError::Write(std::io::Error::other(
             "no pipe to tar2sqfs",
         ))),
