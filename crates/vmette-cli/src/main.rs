@@ -107,8 +107,12 @@ fn init_logging(quiet: bool, verbose: u8) {
         (false, 2) => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMETTE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // The registry client's own logs quote registries' answers (which may
+    // echo credentials) and warn about them: errors only, unless asked for
+    // by VMETTE_LOG.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMETTE_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},oci_client=error"))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -28,6 +28,8 @@ fn digest(bytes: &[u8]) -> String {
 struct Case {
     manifest: Vec<u8>,
     blobs: HashMap<String, Vec<u8>>,
+    /// Answer the manifest request with a body that never ends.
+    endless: bool,
 }
 
 /// A tar stream written by hand, so any member name can be made.
@@ -98,6 +100,7 @@ fn case(
     Case {
         manifest: serde_json::to_vec(&manifest).expect("encode"),
         blobs,
+        endless: false,
     }
 }
 
@@ -135,6 +138,25 @@ fn answer(stream: TcpStream, cases: &HashMap<String, Case>) {
         let mut parts = line.split_whitespace();
         let method = parts.next().unwrap_or("");
         let path = parts.next().unwrap_or("").to_string();
+        if path.contains("/manifests/") && cases.values().any(|c| c.endless) {
+            let endless = path
+                .strip_prefix("/v2/hostile/")
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|name| cases.get(name))
+                .is_some_and(|c| c.endless);
+            if endless {
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if writer.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = [b' '; 65536];
+                while writer.write_all(b"10000\r\n").is_ok()
+                    && writer.write_all(&chunk).is_ok()
+                    && writer.write_all(b"\r\n").is_ok()
+                {}
+                return;
+            }
+        }
         let (status, kind, body, digest_header) = route(&path, cases);
         let mut head = format!(
             "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n",
@@ -293,9 +315,19 @@ fn hostile_registries_and_archives_are_refused_and_write_nothing_outside_the_sto
             "config",
         ),
     ];
+    cases.push((
+        "declared-huge",
+        case(good_layer.clone(), |manifest, _| {
+            manifest["layers"][0]["size"] = serde_json::json!(1u64 << 50);
+        }),
+        "declared larger than the limit",
+    ));
+    let mut endless = case(good_layer.clone(), |_, _| {});
+    endless.endless = true;
+    cases.push(("endless-manifest", endless, "larger than"));
     let mut huge_manifest = case(good_layer.clone(), |_, _| {});
     huge_manifest.manifest.resize(5 << 20, b' ');
-    cases.push(("huge-manifest", huge_manifest, "over the limit"));
+    cases.push(("huge-manifest", huge_manifest, "larger than"));
 
     let port = serve(
         cases

@@ -26,6 +26,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Bounds on what one image may expand to.
@@ -42,13 +43,21 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             expanded_bytes: 64 << 30,
-            entries: 4 << 20,
+            entries: 1 << 20,
         }
     }
 }
 
 /// Longest path in bytes, as Linux's `PATH_MAX`.
 const MAX_PATH_LEN: usize = 4096;
+/// Most components of a path. Each entry's ancestors are looked up, so
+/// depth costs time per entry; real roots stay far below this.
+const MAX_DEPTH: usize = 128;
+/// Most entries in one directory: the packer's time grows with the square
+/// of a directory's size (200,000 entries took it three minutes).
+const MAX_DIRECTORY_ENTRIES: u32 = 65_536;
+/// Most bytes of paths held while flattening, over all layers.
+const MAX_PATH_BYTES: u64 = 512 << 20;
 /// Most extended-attribute bytes on one entry (names and values).
 const MAX_XATTR_BYTES: usize = 64 << 10;
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -141,6 +150,9 @@ struct Counters {
     limits: Limits,
     bytes: u64,
     entries: u64,
+    path_bytes: u64,
+    /// Entries written so far into each directory.
+    per_directory: HashMap<PathBuf, u32>,
 }
 
 /// Writes the root that `layers` (bottom first) make to `out` as a tar
@@ -153,6 +165,8 @@ pub fn flatten(layers: &[Layer<'_>], limits: Limits, out: impl Write) -> Result<
         limits,
         bytes: 0,
         entries: 0,
+        path_bytes: 0,
+        per_directory: HashMap::new(),
     };
     for (index, layer) in layers.iter().enumerate().rev() {
         let number = index + 1;
@@ -324,6 +338,21 @@ fn read_error(layer: usize, limits: Limits, source: io::Error) -> LayerError {
     LayerError::Read { layer, source }
 }
 
+/// A layer opened for reading, every uncompressed byte counted in `bytes`.
+fn counted_archive<'c>(
+    layer: &Layer<'_>,
+    number: usize,
+    limits: Limits,
+    bytes: &'c std::cell::Cell<u64>,
+) -> Result<tar::Archive<Counted<'c, Box<dyn Read>>>, LayerError> {
+    let stream = open(layer.path).map_err(|e| read_error(number, limits, e))?;
+    Ok(tar::Archive::new(Counted {
+        inner: stream,
+        counters: bytes,
+        limit: limits.expanded_bytes,
+    }))
+}
+
 /// A hard link of this layer whose target a layer above replaced, so the
 /// target's bytes must come from a second read of this layer.
 struct Deferred {
@@ -344,14 +373,10 @@ fn flatten_layer<W: Write>(
         reason,
     };
     let bytes = std::cell::Cell::new(counters.bytes);
-    let stream = open(layer.path).map_err(|e| read_error(number, limits, e))?;
-    let mut archive = tar::Archive::new(Counted {
-        inner: stream,
-        counters: &bytes,
-        limit: limits.expanded_bytes,
-    });
+    let mut archive = counted_archive(layer, number, limits, &bytes)?;
     let mut pending: HashMap<PathBuf, Claim> = HashMap::new();
     let mut own: HashMap<PathBuf, Own> = HashMap::new();
+    let mut open_dirs = std::collections::HashSet::new();
     // Hard links resolve to the first name of their file in this layer.
     let mut link_names: HashMap<PathBuf, PathBuf> = HashMap::new();
     let mut deferred = Vec::new();
@@ -374,27 +399,48 @@ fn flatten_layer<W: Write>(
         }
         let raw = entry.path_bytes().into_owned();
         let path = normalize(&raw).map_err(|why| refused(format!("{}: {why}", shown(&raw))))?;
+        if is_sparse(&mut entry).map_err(|e| read_error(number, limits, e))? {
+            return Err(refused(format!(
+                "{}: sparse files are not supported",
+                shown(&raw)
+            )));
+        }
+        counters.path_bytes += raw.len() as u64;
+        if counters.path_bytes > MAX_PATH_BYTES {
+            return Err(LayerError::TooLarge {
+                what: "bytes of paths",
+                limit: MAX_PATH_BYTES,
+            });
+        }
 
         // Whiteouts act on the layers below and are never written.
-        if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-            if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX) {
+        if let Some(name) = path.file_name().map(|n| n.as_bytes()) {
+            if let Some(target) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
                 let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
                 check_own_ancestors(&own, &path).map_err(&refused)?;
-                if name == OPAQUE_MARKER {
+                if name == OPAQUE_MARKER.as_bytes() {
                     pending.entry(dir).or_default().hides_children = true;
-                } else if target.is_empty() || target == "." || target == ".." {
+                } else if target.is_empty() || target == b"." || target == b".." {
                     return Err(refused(format!("{}: a whiteout with no name", shown(&raw))));
                 } else {
+                    let target = std::ffi::OsStr::from_bytes(target);
                     pending.entry(dir.join(target)).or_default().hides_self = true;
                 }
                 continue;
             }
         }
+        // An old-style entry (type 0) named with a trailing slash is a
+        // directory, as Go's archive/tar reads it.
+        let kind = if kind == tar::EntryType::Regular && raw.ends_with(b"/") {
+            tar::EntryType::Directory
+        } else {
+            kind
+        };
 
         if !SUPPORTED.contains(&kind) {
             return Err(refused(format!(
                 "{}: unsupported entry type {:?}",
-                path.display(),
+                shown_path(&path),
                 kind
             )));
         }
@@ -409,7 +455,7 @@ fn flatten_layer<W: Write>(
             Some(_) => {
                 return Err(refused(format!(
                     "{}: the layer holds this path twice",
-                    path.display()
+                    shown_path(&path)
                 )))
             }
             None => {}
@@ -417,12 +463,14 @@ fn flatten_layer<W: Write>(
         let target = if kind == tar::EntryType::Link {
             let link = entry
                 .link_name_bytes()
-                .ok_or_else(|| refused(format!("{}: a hard link with no target", path.display())))?
+                .ok_or_else(|| {
+                    refused(format!("{}: a hard link with no target", shown_path(&path)))
+                })?
                 .into_owned();
             let link = normalize(&link).map_err(|why| {
                 refused(format!(
                     "{}: hard link target {}: {why}",
-                    path.display(),
+                    shown_path(&path),
                     shown(&link)
                 ))
             })?;
@@ -432,8 +480,8 @@ fn flatten_layer<W: Write>(
                 _ => {
                     return Err(refused(format!(
                         "{}: hard link to {}, which is not an earlier file of the same layer",
-                        path.display(),
-                        first.display()
+                        shown_path(&path),
+                        shown_path(&first)
                     )))
                 }
             }
@@ -441,10 +489,29 @@ fn flatten_layer<W: Write>(
             None
         };
 
-        let visible = decide(upper, &path, is_dir, &mut pending).map_err(&refused)?;
+        let visible =
+            decide(upper, &mut open_dirs, &path, is_dir, &mut pending).map_err(&refused)?;
         let keep = visible && !matches!(kind, tar::EntryType::Char | tar::EntryType::Block);
+        if keep {
+            if let Some(parent) = path.parent() {
+                let count = counters
+                    .per_directory
+                    .entry(parent.to_path_buf())
+                    .or_default();
+                *count += 1;
+                if *count > MAX_DIRECTORY_ENTRIES {
+                    return Err(refused(format!(
+                        "{}: more than {MAX_DIRECTORY_ENTRIES} entries in one directory",
+                        shown_path(parent)
+                    )));
+                }
+            }
+        }
         for ancestor in ancestors(&path) {
-            own.entry(ancestor.to_path_buf()).or_insert(Own::ImpliedDir);
+            if own.contains_key(ancestor) {
+                break;
+            }
+            own.insert(ancestor.to_path_buf(), Own::ImpliedDir);
         }
         let record = if is_dir {
             Own::Dir
@@ -470,11 +537,8 @@ fn flatten_layer<W: Write>(
             continue;
         }
         if keep {
-            write_entry(builder, &mut entry, &path).map_err(|e| match e {
-                WriteFailure::Read(source) => read_error(number, limits, source),
-                WriteFailure::Refused(reason) => refused(reason),
-                WriteFailure::Write(source) => LayerError::Write(source),
-            })?;
+            write_entry(builder, &mut entry, &path, kind)
+                .map_err(|e| e.into_layer_error(number, limits))?;
         }
     }
     // Read to the end of the stream: a compressed layer cut short after its
@@ -490,18 +554,33 @@ fn flatten_layer<W: Write>(
 
 /// Whether an entry at `path` reaches the root, given what the layers
 /// above did; records what it does to the layers below in `pending`.
+///
+/// `open_dirs` holds the directories of this layer already found not to
+/// hide what is under them, so each directory's ancestors are looked at
+/// once per layer, not once per entry.
 fn decide(
     upper: &HashMap<PathBuf, Claim>,
+    open_dirs: &mut std::collections::HashSet<PathBuf>,
     path: &Path,
     is_dir: bool,
     pending: &mut HashMap<PathBuf, Claim>,
 ) -> Result<bool, String> {
+    let mut walked = Vec::new();
     for ancestor in ancestors(path) {
+        if open_dirs.contains(ancestor) {
+            break;
+        }
         if let Some(claim) = upper.get(ancestor) {
             if claim.hides_self || claim.hides_children || claim.present == Present::NonDir {
                 return Ok(false);
             }
         }
+        walked.push(ancestor);
+    }
+    open_dirs.extend(walked.into_iter().map(Path::to_path_buf));
+    let root_is_opaque = upper.get(Path::new("")).is_some_and(|c| c.hides_children);
+    if root_is_opaque && !path.as_os_str().is_empty() {
+        return Ok(false);
     }
     let claim = upper.get(path).copied().unwrap_or_default();
     if claim.hides_self {
@@ -517,9 +596,11 @@ fn decide(
         own.hides_self |= !is_dir;
         for ancestor in ancestors(path) {
             let claim = pending.entry(ancestor.to_path_buf()).or_default();
-            if claim.present == Present::Nothing {
-                claim.present = Present::ImpliedDir;
+            if claim.present != Present::Nothing {
+                // Its own ancestors were marked with it.
+                break;
             }
+            claim.present = Present::ImpliedDir;
         }
     };
     match claim.present {
@@ -537,7 +618,7 @@ fn decide(
         }
         Present::ImpliedDir if !is_dir => Err(format!(
             "{}: a layer above writes under it, through a non-directory",
-            path.display()
+            shown_path(path)
         )),
         Present::ImpliedDir | Present::Nothing => {
             mark(pending);
@@ -554,8 +635,8 @@ fn check_own_ancestors(own: &HashMap<PathBuf, Own>, path: &Path) -> Result<(), S
             if !matches!(kind, Own::Dir | Own::ImpliedDir) {
                 return Err(format!(
                     "{}: written through {}, which is not a directory",
-                    path.display(),
-                    ancestor.display()
+                    shown_path(path),
+                    shown_path(ancestor)
                 ));
             }
         }
@@ -572,14 +653,23 @@ fn ancestors(path: &Path) -> impl Iterator<Item = &Path> {
 
 /// A member path made relative and plain; the root itself is the empty path.
 fn normalize(raw: &[u8]) -> Result<PathBuf, &'static str> {
-    use std::os::unix::ffi::OsStrExt;
     if raw.len() > MAX_PATH_LEN {
         return Err("the path is too long");
     }
+    if raw.contains(&0) {
+        return Err("a path with a NUL byte");
+    }
     let mut path = PathBuf::new();
+    let mut depth = 0;
     for component in Path::new(std::ffi::OsStr::from_bytes(raw)).components() {
         match component {
-            Component::Normal(part) => path.push(part),
+            Component::Normal(part) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err("the path is too deep");
+                }
+                path.push(part)
+            }
             Component::CurDir => {}
             Component::RootDir | Component::Prefix(_) => return Err("an absolute path"),
             Component::ParentDir => return Err("a path with '..'"),
@@ -588,6 +678,12 @@ fn normalize(raw: &[u8]) -> Result<PathBuf, &'static str> {
     Ok(path)
 }
 
+fn shown_path(path: &Path) -> String {
+    shown(path.as_os_str().as_bytes())
+}
+
+/// A member name for a message: quoted, control characters escaped, and
+/// cut at 200 characters.
 fn shown(raw: &[u8]) -> String {
     let text = String::from_utf8_lossy(raw);
     let mut shown: String = text.chars().take(200).collect();
@@ -603,19 +699,30 @@ enum WriteFailure {
     Write(io::Error),
 }
 
+impl WriteFailure {
+    fn into_layer_error(self, layer: usize, limits: Limits) -> LayerError {
+        match self {
+            WriteFailure::Read(source) => read_error(layer, limits, source),
+            WriteFailure::Refused(reason) => LayerError::Refused { layer, reason },
+            WriteFailure::Write(source) => LayerError::Write(source),
+        }
+    }
+}
+
 /// Copies a kept entry to the output with its metadata, xattrs included.
 fn write_entry<R: Read, W: Write>(
     builder: &mut tar::Builder<W>,
     entry: &mut tar::Entry<'_, R>,
     path: &Path,
+    kind: tar::EntryType,
 ) -> Result<(), WriteFailure> {
     let source = entry.header().clone();
-    let kind = source.entry_type();
     let xattrs = xattrs(entry).map_err(|e| match e {
         XattrFailure::Read(e) => WriteFailure::Read(e),
-        XattrFailure::TooMany => {
-            WriteFailure::Refused(format!("{}: too many extended attributes", path.display()))
-        }
+        XattrFailure::TooMany => WriteFailure::Refused(format!(
+            "{}: too many extended attributes",
+            shown_path(path)
+        )),
     })?;
     if !xattrs.is_empty() {
         let records = pax_records(&xattrs);
@@ -650,10 +757,9 @@ fn write_entry<R: Read, W: Write>(
             if target.is_empty() || target.len() > MAX_PATH_LEN {
                 return Err(WriteFailure::Refused(format!(
                     "{}: a symlink with an empty or overlong target",
-                    path.display()
+                    shown_path(path)
                 )));
             }
-            use std::os::unix::ffi::OsStrExt;
             header.set_size(0);
             builder
                 .append_link(&mut header, out_path, std::ffi::OsStr::from_bytes(&target))
@@ -748,6 +854,23 @@ fn pax_records(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// Whether an entry is a sparse file, in GNU's or PAX's form: its data is a
+/// map, not the file, and vmette does not expand it.
+fn is_sparse<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<bool> {
+    if entry.header().entry_type() == tar::EntryType::GNUSparse {
+        return Ok(true);
+    }
+    let Some(extensions) = entry.pax_extensions()? else {
+        return Ok(false);
+    };
+    for extension in extensions {
+        if extension?.key_bytes().starts_with(b"GNU.sparse.") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 enum XattrFailure {
     Read(io::Error),
     TooMany,
@@ -784,12 +907,7 @@ fn write_deferred<W: Write>(
 ) -> Result<(), LayerError> {
     let limits = counters.limits;
     let bytes = std::cell::Cell::new(counters.bytes);
-    let stream = open(layer.path).map_err(|e| read_error(number, limits, e))?;
-    let mut archive = tar::Archive::new(Counted {
-        inner: stream,
-        counters: &bytes,
-        limit: limits.expanded_bytes,
-    });
+    let mut archive = counted_archive(layer, number, limits, &bytes)?;
     let mut wanted: HashMap<&Path, Vec<&Path>> = HashMap::new();
     for d in deferred {
         wanted.entry(&d.target).or_default().push(&d.link);
@@ -807,14 +925,9 @@ fn write_deferred<W: Write>(
         let Some((first, rest)) = links.split_first() else {
             continue;
         };
-        write_entry(builder, &mut entry, first).map_err(|e| match e {
-            WriteFailure::Read(source) => read_error(number, limits, source),
-            WriteFailure::Refused(reason) => LayerError::Refused {
-                layer: number,
-                reason,
-            },
-            WriteFailure::Write(source) => LayerError::Write(source),
-        })?;
+        let kind = entry.header().entry_type();
+        write_entry(builder, &mut entry, first, kind)
+            .map_err(|e| e.into_layer_error(number, limits))?;
         for link in rest {
             write_link(builder, &entry, link, first)?;
         }

@@ -186,19 +186,10 @@ impl Images {
     fn pull_into(&self, store: &Store, name: &ImageName) -> Result<Found, ImageError> {
         let access = registry::Access {
             insecure: &self.settings.insecure_registries,
+            layer_limit: self.settings.limits.expanded_bytes,
         };
         let pulled = registry::pull(store, name, &access, &*self.progress)?;
         let reference = name.canonical();
-        let total: u64 = pulled.manifest.layers.iter().map(|l| l.size).sum();
-        if total > self.settings.limits.expanded_bytes {
-            return Err(ImageError::Refused {
-                reference,
-                reason: format!(
-                    "its layers are {total} bytes, over the limit of {}",
-                    self.settings.limits.expanded_bytes
-                ),
-            });
-        }
         let layers: Vec<String> = pulled
             .manifest
             .layers

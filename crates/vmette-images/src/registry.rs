@@ -22,6 +22,26 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Layers downloaded at once.
 const PARALLEL_DOWNLOADS: usize = 3;
 
+/// A server's or library's words for a message: control characters
+/// escaped, at most 200 characters, so that it stays one line.
+fn quoted(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if text.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}
+
 /// What a pull fetched: the manifest and where its parts are stored.
 pub struct Pulled {
     pub manifest_digest: String,
@@ -29,10 +49,21 @@ pub struct Pulled {
     pub config: manifest::ConfigFile,
 }
 
-/// How to reach registries.
+/// How to reach registries, and how much to take from them.
 pub struct Access<'a> {
     pub insecure: &'a [String],
+    /// Most bytes of all layers together, as their manifest declares them;
+    /// checked before a byte of them is fetched.
+    pub layer_limit: u64,
 }
+
+/// Longest a manifest or token request may take in all, however the
+/// bytes trickle in.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+/// After this long, a blob must have come at `MIN_RATE` on average.
+const RATE_GRACE: Duration = Duration::from_secs(30);
+/// Slowest average a blob download may keep, bytes per second.
+const MIN_RATE: u64 = 32 << 10;
 
 /// Pulls `name` into `store`; blobs already there are not fetched again.
 pub fn pull(
@@ -45,7 +76,33 @@ pub fn pull(
         .enable_all()
         .build()
         .map_err(ImageError::store("cannot start the pull's runtime"))?;
-    runtime.block_on(pull_async(store, name, access, progress))
+    // The registry client panics on some malformed answers (a bearer token
+    // that is not a valid header value); that is the registry's fault, and
+    // one refusal, not a crash.
+    let pulled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(pull_async(store, name, access, progress))
+    }));
+    pulled.unwrap_or_else(|_| {
+        Err(ImageError::Refused {
+            reference: name.canonical(),
+            reason: "the registry's answer broke the registry client".into(),
+        })
+    })
+}
+
+/// `future`, given up on after `REQUEST_DEADLINE`.
+async fn within_deadline<T>(
+    session: &Session<'_>,
+    future: impl std::future::Future<Output = Result<T, OciDistributionError>>,
+) -> Result<T, ImageError> {
+    match tokio::time::timeout(REQUEST_DEADLINE, future).await {
+        Ok(result) => result.map_err(|e| session.error(e)),
+        Err(_) => Err(ImageError::Unreachable {
+            reference: session.name.canonical(),
+            registry: session.name.registry().to_string(),
+            reason: format!("it did not answer within {} s", REQUEST_DEADLINE.as_secs()),
+        }),
+    }
 }
 
 struct Session<'a> {
@@ -59,7 +116,7 @@ impl Session<'_> {
     fn error(&self, error: OciDistributionError) -> ImageError {
         let reference = self.name.canonical();
         let registry = self.name.registry().to_string();
-        let text = auth::redact(&error.to_string(), self.credentials.as_ref());
+        let text = quoted(&auth::redact(&error.to_string(), self.credentials.as_ref()));
         match &error {
             OciDistributionError::AuthenticationFailure(_)
             | OciDistributionError::UnauthorizedError { .. } => ImageError::Auth {
@@ -163,11 +220,13 @@ async fn pull_async(
     };
     let auth = session.auth();
     let reference = name.reference();
-    let (bytes, mut digest) = session
-        .client
-        .pull_manifest_raw(reference, &auth, &manifest::ACCEPTED)
-        .await
-        .map_err(|e| session.error(e))?;
+    let (bytes, mut digest) = within_deadline(
+        &session,
+        session
+            .client
+            .pull_manifest_raw(reference, &auth, &manifest::ACCEPTED),
+    )
+    .await?;
     let mut fetched = manifest::parse(&bytes).map_err(|e| session.refused(e))?;
     if let Fetched::Index(entries) = &fetched {
         let architecture = manifest::host_architecture();
@@ -175,11 +234,13 @@ async fn pull_async(
             .ok_or_else(|| session.refused(format!("it has no linux/{architecture} image")))?
             .clone();
         let by_digest = reference.clone_with_digest(entry.digest.clone());
-        let (bytes, _) = session
-            .client
-            .pull_manifest_raw(&by_digest, &auth, &manifest::ACCEPTED)
-            .await
-            .map_err(|e| session.error(e))?;
+        let (bytes, _) = within_deadline(
+            &session,
+            session
+                .client
+                .pull_manifest_raw(&by_digest, &auth, &manifest::ACCEPTED),
+        )
+        .await?;
         if bytes.len() as u64 != entry.size {
             return Err(session.refused(format!(
                 "its index says the manifest has {} bytes, and it has {}",
@@ -194,6 +255,16 @@ async fn pull_async(
         return Err(session.refused("its index points to another index"));
     };
 
+    let declared = manifest
+        .layers
+        .iter()
+        .try_fold(0u64, |sum, layer| sum.checked_add(layer.size));
+    if declared.is_none_or(|total| total > access.layer_limit) {
+        return Err(session.refused(format!(
+            "its layers are declared larger than the limit of {} bytes",
+            access.layer_limit
+        )));
+    }
     fetch_blob(&session, store, &manifest.config, progress, false).await?;
     let config_bytes = std::fs::read(store.blob_path(&manifest.config.digest))
         .map_err(ImageError::store("cannot read a stored config"))?;
@@ -238,11 +309,14 @@ async fn fetch_blob(
         progress.layer_started(&descriptor.digest, descriptor.size);
     }
     let mut file = store.temp_file()?;
-    let mut stream = session
-        .client
-        .pull_blob_stream(session.name.reference(), descriptor.digest.as_str())
-        .await
-        .map_err(|e| session.error(e))?;
+    let mut stream = within_deadline(
+        session,
+        session
+            .client
+            .pull_blob_stream(session.name.reference(), descriptor.digest.as_str()),
+    )
+    .await?;
+    let started = std::time::Instant::now();
     let mut hash = Sha256::new();
     let mut received: u64 = 0;
     let what = if is_layer { "a layer" } else { "the config" };
@@ -265,6 +339,17 @@ async fn fetch_blob(
             }
         })?;
         received += chunk.len() as u64;
+        let elapsed = started.elapsed();
+        if elapsed > RATE_GRACE && received < MIN_RATE.saturating_mul(elapsed.as_secs()) {
+            return Err(ImageError::Unreachable {
+                reference: session.name.canonical(),
+                registry: session.name.registry().to_string(),
+                reason: format!(
+                    "{what} came slower than {} KiB/s; giving up",
+                    MIN_RATE >> 10
+                ),
+            });
+        }
         if received > descriptor.size {
             return Err(session.refused(format!(
                 "{what} ({}) is longer than the {} bytes its manifest says",

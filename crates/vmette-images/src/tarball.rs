@@ -44,9 +44,16 @@ pub fn convert(
             return Ok((store.root_path(&record.root), record));
         }
     }
-    let digest = hash_file(&canonical).map_err(|e| file_error(format!("cannot read it: {e}")))?;
+    // Copied into the store as it is hashed, and packed from the copy: the
+    // file may change under us, and the root must be what the digest says.
+    let (digest, copy) = copy_hashed(store, &canonical, settings.tarball_limit)
+        .map_err(|e| file_error(format!("cannot read it: {e}")))?;
+    let blob = store.blob_path(&digest);
+    if !blob.is_file() {
+        store.persist(copy, &blob)?;
+    }
     let key = crate::store::root_key(std::slice::from_ref(&digest));
-    let root = squash::pack(store, &key, &[canonical], settings.limits, word)?;
+    let root = squash::pack(store, &key, &[blob], settings.limits, word)?;
     let record = ImageRecord {
         name,
         digest: digest.clone(),
@@ -59,16 +66,35 @@ pub fn convert(
     Ok((root, record))
 }
 
-fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+/// Copies `path` into a store temp file, at most `limit` bytes, and
+/// returns its digest with the copy.
+fn copy_hashed(
+    store: &Store,
+    path: &Path,
+    limit: u64,
+) -> std::io::Result<(String, tempfile::NamedTempFile)> {
+    use std::io::Write;
+    let file = std::fs::File::open(path)?;
+    let mut copy = store
+        .temp_file()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut hash = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let mut reader = file.take(limit.saturating_add(1));
     loop {
-        let n = file.read(&mut buffer)?;
+        let n = reader.read(&mut buffer)?;
         if n == 0 {
             break;
         }
+        total += n as u64;
+        if total > limit {
+            return Err(std::io::Error::other(format!(
+                "it grew past the limit of {limit} bytes while it was read"
+            )));
+        }
         hash.update(&buffer[..n]);
+        copy.write_all(&buffer[..n])?;
     }
-    Ok(format!("sha256:{}", hex::encode(hash.finalize())))
+    Ok((format!("sha256:{}", hex::encode(hash.finalize())), copy))
 }

@@ -376,3 +376,107 @@ fn zstd_layers_may_have_many_frames_and_skippable_ones() {
         .collect();
     assert_eq!(names, ["a", "b"]);
 }
+
+#[test]
+fn an_opaque_root_hides_every_lower_entry() {
+    let root = flat(&[
+        vec![file("lower", b"x"), dir("d"), file("d/a", b"a")],
+        vec![file(".wh..wh..opq", b""), file("upper", b"u")],
+    ]);
+    assert_eq!(root.keys().collect::<Vec<_>>(), ["upper"]);
+}
+
+#[test]
+fn whiteouts_are_matched_by_bytes_and_old_style_directories_are_directories() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut lower = tar_bytes(&[file("x", b"x")]);
+    // Rename the member to a non-UTF-8 name, "\xff", in place.
+    lower[0] = 0xff;
+    lower[148..156].copy_from_slice(b"        ");
+    let sum: u32 = lower[..512].iter().map(|&b| u32::from(b)).sum();
+    lower[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    let mut upper = tar_bytes(&[file(".wh.x", b""), file("olddir/", b"")]);
+    upper[4] = 0xff;
+    upper[148..156].copy_from_slice(b"        ");
+    let sum: u32 = upper[..512].iter().map(|&b| u32::from(b)).sum();
+    upper[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    let paths = [dir.path().join("0"), dir.path().join("1")];
+    std::fs::write(&paths[0], lower).expect("write");
+    std::fs::write(&paths[1], upper).expect("write");
+    let layers: Vec<Layer<'_>> = paths.iter().map(|p| Layer { path: p }).collect();
+    let mut out = Vec::new();
+    flatten(&layers, Limits::default(), &mut out).expect("flatten");
+    let entries: Vec<(Vec<u8>, tar::EntryType)> = tar::Archive::new(out.as_slice())
+        .entries()
+        .expect("a tar")
+        .map(|e| {
+            let e = e.expect("entry");
+            (e.path_bytes().into_owned(), e.header().entry_type())
+        })
+        .collect();
+    assert_eq!(entries, [(b"olddir".to_vec(), tar::EntryType::Directory)]);
+}
+
+#[test]
+fn nul_bytes_deep_paths_sparse_files_and_crowded_directories_are_refused() {
+    let mut long = tar::Header::new_gnu();
+    long.set_entry_type(tar::EntryType::GNULongName);
+    let name = b"a\0b";
+    long.set_size(name.len() as u64 + 1);
+    long.set_cksum();
+    let mut layer = long.as_bytes().to_vec();
+    layer.extend_from_slice(name);
+    layer.push(0);
+    layer.resize(1024, 0);
+    layer.extend(tar_bytes(&[file("placeholder", b"x")]));
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let path = dir.path().join("nul");
+    std::fs::write(&path, layer).expect("write");
+    let error = flatten(&[Layer { path: &path }], Limits::default(), io::sink())
+        .expect_err("a NUL in a name");
+    assert!(error.to_string().contains("NUL"), "{error}");
+
+    let deep = "d/".repeat(MAX_DEPTH) + "f";
+    let dir2 = tempfile::tempdir().expect("a temp dir");
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(1);
+    header.set_mode(0o644);
+    builder
+        .append_data(&mut header, &deep, &b"x"[..])
+        .expect("a long name");
+    let path = dir2.path().join("deep");
+    std::fs::write(&path, builder.into_inner().expect("tar")).expect("write");
+    let error =
+        flatten(&[Layer { path: &path }], Limits::default(), io::sink()).expect_err("too deep");
+    assert!(error.to_string().contains("too deep"), "{error}");
+
+    let records = pax_records(&[("GNU.sparse.major".into(), b"1".to_vec())]);
+    let mut pax = tar::Header::new_ustar();
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_size(records.len() as u64);
+    pax.set_cksum();
+    let mut layer = pax.as_bytes().to_vec();
+    layer.extend_from_slice(&records);
+    layer.resize(layer.len().div_ceil(512) * 512, 0);
+    layer.extend(tar_bytes(&[file("sparse", b"map")]));
+    let path = dir2.path().join("sparse");
+    std::fs::write(&path, layer).expect("write");
+    let error = flatten(&[Layer { path: &path }], Limits::default(), io::sink())
+        .expect_err("a sparse file");
+    assert!(error.to_string().contains("sparse"), "{error}");
+
+    let names: Vec<String> = (0..=MAX_DIRECTORY_ENTRIES)
+        .map(|n| format!("c/{n}"))
+        .collect();
+    let entries: Vec<E> = names
+        .iter()
+        .map(|n| file(Box::leak(n.clone().into_boxed_str()), b""))
+        .collect();
+    let error = flatten_with(&[entries], Packing::Plain, Limits::default())
+        .expect_err("a crowded directory");
+    assert!(
+        error.to_string().contains("entries in one directory"),
+        "{error}"
+    );
+}
