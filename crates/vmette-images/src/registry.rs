@@ -150,12 +150,23 @@ impl Session<'_> {
                 }) {
                     ImageError::NotFound { reference }
                 } else {
+                    // The codes only: a registry's own words may echo what
+                    // it was sent, credentials included, in any encoding.
+                    let codes: Vec<String> = codes
+                        .iter()
+                        .take(4)
+                        .map(|c| quoted(&format!("{c:?}")))
+                        .collect();
                     ImageError::Refused {
                         reference,
-                        reason: format!("the registry said: {text}"),
+                        reason: format!("the registry refused it ({})", codes.join(", ")),
                     }
                 }
             }
+            OciDistributionError::ServerError { code, .. } => ImageError::Refused {
+                reference,
+                reason: format!("the registry answered with HTTP status {code}"),
+            },
             OciDistributionError::RequestError(e) => ImageError::Unreachable {
                 reference,
                 registry,
