@@ -85,17 +85,21 @@ skopeo copy --quiet --dest-tls-verify=false "oci:$layout:bench" "docker://$refer
 unpacked=$(du -sm "$layout" | cut -f1)
 echo "image: 4 layers, $unpacked MiB as stored in the OCI layout" >&2
 
+# Each timed run starts with the previous one's writes on disk (sync), so
+# that no run pays for another's write-back.
 hyperfine --style basic --warmup 1 --runs "$runs" --export-json "$work/pull.json" \
-    -n skopeo --prepare "rm -rf $work/skopeo" \
+    -n skopeo --prepare "rm -rf $work/skopeo; sync" \
     "skopeo copy --quiet --src-tls-verify=false docker://$reference dir:$work/skopeo" \
-    -n vmette --prepare "rm -rf $cache/store" \
+    -n vmette --prepare "rm -rf $cache/store; sync" \
     "$vmette --quiet pull $reference" >&2
 
 "$vmette" run -- true
+"$vmette" run "$reference" -- true
+sync
 hyperfine --style basic --warmup 1 --runs "$runs" --export-json "$work/run.json" \
-    -n default "$vmette run -- true" \
-    -n first --prepare "rm -rf $cache/store" "$vmette run $reference -- true" \
-    -n second "$vmette run $reference -- true" >&2
+    -n default --prepare sync "$vmette run -- true" \
+    -n second --prepare sync "$vmette run $reference -- true" \
+    -n first --prepare "rm -rf $cache/store; sync" "$vmette run $reference -- true" >&2
 
 python3 - "$work/pull.json" "$work/run.json" <<'PY'
 import json, sys

@@ -159,6 +159,17 @@ struct Counters {
 /// stream. Every layer is checked as it is read; on error the output is
 /// incomplete and must be thrown away.
 pub fn flatten(layers: &[Layer<'_>], limits: Limits, out: impl Write) -> Result<(), LayerError> {
+    flatten_when_ready(layers, limits, out, &|_| true)
+}
+
+/// [`flatten`], waiting before each layer until `ready(index)` (bottom
+/// first) says it is there; false ends the flattening.
+pub fn flatten_when_ready(
+    layers: &[Layer<'_>],
+    limits: Limits,
+    out: impl Write,
+    ready: &dyn Fn(usize) -> bool,
+) -> Result<(), LayerError> {
     let mut builder = tar::Builder::new(out);
     let mut upper: HashMap<PathBuf, Claim> = HashMap::new();
     let mut counters = Counters {
@@ -170,6 +181,9 @@ pub fn flatten(layers: &[Layer<'_>], limits: Limits, out: impl Write) -> Result<
     };
     for (index, layer) in layers.iter().enumerate().rev() {
         let number = index + 1;
+        if !ready(index) {
+            return Err(LayerError::Write(io::Error::other("the pull ended early")));
+        }
         let pending = flatten_layer(layer, number, &upper, &mut counters, &mut builder)?;
         for (path, claim) in pending {
             let merged = upper.entry(path).or_default();

@@ -22,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+mod arrivals;
 mod auth;
 mod error;
 pub mod layers;
@@ -33,6 +34,8 @@ mod store;
 mod tarball;
 
 use std::path::{Path, PathBuf};
+
+use arrivals::Arrivals;
 
 pub use auth::Credentials;
 pub use error::ImageError;
@@ -53,7 +56,8 @@ pub trait PullProgress: Sync {
     fn layer_advanced(&self, digest: &str, received: u64);
     /// It is stored; `cached` if it already was.
     fn layer_done(&self, digest: &str, size: u64, cached: bool);
-    /// The layers are in; the root is being packed.
+    /// The root is being packed, from the top layer down, while lower
+    /// layers may still be downloading.
     fn packing(&self);
 }
 
@@ -188,24 +192,57 @@ impl Images {
             insecure: &self.settings.insecure_registries,
             layer_limit: self.settings.limits.expanded_bytes,
         };
-        let pulled = registry::pull(store, name, &access, &*self.progress)?;
         let reference = name.canonical();
+        let arrivals = Arrivals::default();
+        // The packer starts on the top layer while the pull goes on below.
+        let (pulled, packed) = std::thread::scope(|scope| {
+            let packer = scope.spawn(|| {
+                let layers = arrivals.layers()?;
+                self.progress.packing();
+                let key = store::root_key(&layers);
+                let paths: Vec<PathBuf> = layers.iter().map(|d| store.blob_path(d)).collect();
+                let ready = |index: usize| arrivals.wait(&layers[index]);
+                Some(squash::pack_when_ready(
+                    store,
+                    &key,
+                    &paths,
+                    self.settings.limits,
+                    &reference,
+                    &ready,
+                ))
+            });
+            let pulled = registry::pull(store, name, &access, &*self.progress, &arrivals);
+            arrivals.close();
+            let packed = packer.join().unwrap_or_else(|_| {
+                Some(Err(ImageError::Pack {
+                    reference: reference.clone(),
+                    reason: "the packer failed".into(),
+                }))
+            });
+            (pulled, packed)
+        });
+        let pulled = pulled?;
+        let root = match packed {
+            Some(root) => root?,
+            None => {
+                return Err(ImageError::Pack {
+                    reference,
+                    reason: "the pull ended before its layers were known".into(),
+                })
+            }
+        };
         let layers: Vec<String> = pulled
             .manifest
             .layers
             .iter()
             .map(|l| l.digest.clone())
             .collect();
-        let key = store::root_key(&layers);
-        let paths: Vec<PathBuf> = layers.iter().map(|d| store.blob_path(d)).collect();
-        self.progress.packing();
-        let root = squash::pack(store, &key, &paths, self.settings.limits, &reference)?;
         let record = ImageRecord {
             name: reference,
             digest: pulled.manifest_digest,
             config: Some(pulled.manifest.config.digest.clone()),
+            root: store::root_key(&layers),
             layers,
-            root: key,
             fingerprint: None,
         };
         store.record(&record)?;

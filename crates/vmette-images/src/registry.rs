@@ -12,6 +12,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::Client;
 use sha2::{Digest, Sha256};
 
+use crate::arrivals::Arrivals;
 use crate::auth::{self, Credentials};
 use crate::manifest::{self, Descriptor, Fetched, Manifest};
 use crate::{ImageError, ImageName, PullProgress, Store};
@@ -66,11 +67,16 @@ const RATE_GRACE: Duration = Duration::from_secs(30);
 const MIN_RATE: u64 = 32 << 10;
 
 /// Pulls `name` into `store`; blobs already there are not fetched again.
+///
+/// `arrivals` hears of the layers, and of each as it is stored (top ones
+/// first), so that packing can begin before the pull ends. Layers are not
+/// fetched at all when the root they make is already stored.
 pub fn pull(
     store: &Store,
     name: &ImageName,
     access: &Access<'_>,
     progress: &dyn PullProgress,
+    arrivals: &Arrivals,
 ) -> Result<Pulled, ImageError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -80,7 +86,7 @@ pub fn pull(
     // that is not a valid header value); that is the registry's fault, and
     // one refusal, not a crash.
     let pulled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(pull_async(store, name, access, progress))
+        runtime.block_on(pull_async(store, name, access, progress, arrivals))
     }));
     pulled.unwrap_or_else(|_| {
         Err(ImageError::Refused {
@@ -205,6 +211,7 @@ async fn pull_async(
     name: &ImageName,
     access: &Access<'_>,
     progress: &dyn PullProgress,
+    arrivals: &Arrivals,
 ) -> Result<Pulled, ImageError> {
     // rustls needs a process-wide provider; another caller may have set one.
     #[cfg(not(target_os = "macos"))]
@@ -287,11 +294,20 @@ async fn pull_async(
             config.os, config.architecture
         )));
     }
-    futures_util::stream::iter(manifest.layers.iter())
-        .map(|layer| fetch_blob(&session, store, layer, progress, true))
-        .buffer_unordered(PARALLEL_DOWNLOADS)
-        .try_collect::<Vec<()>>()
-        .await?;
+    let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+    arrivals.announce(digests.clone());
+    if !store.root_path(&crate::store::root_key(&digests)).is_file() {
+        // Top first: the packer reads from the top down.
+        futures_util::stream::iter(manifest.layers.iter().rev())
+            .map(|layer| async {
+                fetch_blob(&session, store, layer, progress, true).await?;
+                arrivals.stored(&layer.digest);
+                Ok::<(), ImageError>(())
+            })
+            .buffer_unordered(PARALLEL_DOWNLOADS)
+            .try_collect::<Vec<()>>()
+            .await?;
+    }
     Ok(Pulled {
         manifest_digest: digest,
         manifest,

@@ -25,6 +25,19 @@ pub fn pack(
     limits: Limits,
     reference: &str,
 ) -> Result<PathBuf, ImageError> {
+    pack_when_ready(store, key, layers, limits, reference, &|_| true)
+}
+
+/// [`pack`], with each layer waited for by `ready` (see
+/// [`layers::flatten_when_ready`]).
+pub fn pack_when_ready(
+    store: &Store,
+    key: &str,
+    layers: &[PathBuf],
+    limits: Limits,
+    reference: &str,
+    ready: &dyn Fn(usize) -> bool,
+) -> Result<PathBuf, ImageError> {
     let target = store.root_path(key);
     if target.is_file() {
         return Ok(target);
@@ -52,11 +65,15 @@ pub fn pack(
     })?;
     let layer_refs: Vec<Layer<'_>> = layers.iter().map(|p| Layer { path: p }).collect();
     let flattened = match child.stdin.take() {
-        Some(stdin) => layers::flatten(
-            &layer_refs,
-            limits,
-            BufWriter::with_capacity(1 << 20, stdin),
-        ),
+        Some(stdin) => {
+            widen_pipe(&stdin);
+            layers::flatten_when_ready(
+                &layer_refs,
+                limits,
+                BufWriter::with_capacity(PIPE_BYTES, stdin),
+                ready,
+            )
+        }
         None => Err(LayerError::Write(std::io::Error::other(
             "no pipe to tar2sqfs",
         ))),
@@ -86,6 +103,9 @@ pub fn pack(
         }
         Ok(()) => {}
     }
+    if !is_squashfs(output.as_file()) {
+        return Err(failed("tar2sqfs wrote no squashfs image".into()));
+    }
     output
         .as_file()
         .sync_all()
@@ -93,6 +113,43 @@ pub fn pack(
     store.persist(output, &target)?;
     Ok(target)
 }
+
+/// Whether `file` holds a squashfs image whose superblock fits in it: a
+/// packer that exits 0 without writing one must not leave a root that no
+/// boot can mount.
+fn is_squashfs(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut superblock = [0u8; 96];
+    if file.read_exact_at(&mut superblock, 0).is_err() || &superblock[..4] != b"hsqs" {
+        return false;
+    }
+    let mut used = [0u8; 8];
+    used.copy_from_slice(&superblock[40..48]);
+    file.metadata()
+        .is_ok_and(|m| m.len() >= u64::from_le_bytes(used))
+}
+
+/// The pipe to the packer, and the writes into it: large, so that the
+/// flattening and the packer run side by side instead of waking each other
+/// for every 64 KiB.
+const PIPE_BYTES: usize = 1 << 20;
+
+#[cfg(target_os = "linux")]
+fn widen_pipe(pipe: &std::process::ChildStdin) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETPIPE_SZ takes an int and changes only the pipe's buffer;
+    // a refusal (a lower pipe-max-size) leaves the pipe as it was.
+    unsafe {
+        libc::fcntl(
+            pipe.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            PIPE_BYTES as libc::c_int,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn widen_pipe(_pipe: &std::process::ChildStdin) {}
 
 /// Whether `path` starts like a tar stream, plain or compressed.
 pub fn looks_like_tarball(path: &Path) -> bool {
