@@ -39,8 +39,10 @@ SSE_DROPS, UPLOAD_DROPS, STDIN_DROPS, ATTACH_DROPS = 15, 10, 10, 15
 # would pass this bound.
 RSS_BOUND_KIB = 3 * 1024
 # A second round of dropped clients may add this much over the first: the
-# ten held stdin bodies of the old leak alone were 10 MiB.
-REPEAT_BOUND_KIB = 2 * 1024
+# ten held stdin bodies of the old leak alone were 10 MiB a round, while
+# the allocator's own swing between rounds was measured at up to 2.3 MiB
+# (round two at 13.3 to 16.0 MiB, below round one as often as above).
+REPEAT_BOUND_KIB = 4 * 1024
 TICKER = ["sh", "-c", "while :; do echo tick; sleep 0.05; done"]
 
 
