@@ -44,10 +44,21 @@ impl Arrivals {
 
     /// The layers, once announced; `None` if the pull ended first.
     pub fn layers(&self) -> Option<Vec<String>> {
+        self.wait_for(|state| state.layers.clone())
+    }
+
+    /// Waits until `digest` is stored; false if the pull ended without it.
+    pub fn wait(&self, digest: &str) -> bool {
+        self.wait_for(|state| state.stored.contains(digest).then_some(()))
+            .is_some()
+    }
+
+    /// Waits until `found` finds something, or the pull has ended.
+    fn wait_for<T>(&self, found: impl Fn(&State) -> Option<T>) -> Option<T> {
         let mut state = self.lock();
         loop {
-            if let Some(layers) = &state.layers {
-                return Some(layers.clone());
+            if let Some(value) = found(&state) {
+                return Some(value);
             }
             if state.failed {
                 return None;
@@ -58,21 +69,27 @@ impl Arrivals {
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
+}
 
-    /// Waits until `digest` is stored; false if the pull ended without it.
-    pub fn wait(&self, digest: &str) -> bool {
-        let mut state = self.lock();
-        loop {
-            if state.stored.contains(digest) {
-                return true;
-            }
-            if state.failed {
-                return false;
-            }
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiters_wake_for_their_layer_or_the_end() {
+        let arrivals = Arrivals::default();
+        std::thread::scope(|scope| {
+            let packer = scope.spawn(|| {
+                let layers = arrivals.layers().expect("announced");
+                (arrivals.wait(&layers[1]), arrivals.wait(&layers[0]))
+            });
+            arrivals.announce(vec!["bottom".into(), "top".into()]);
+            arrivals.stored("top");
+            arrivals.close();
+            assert_eq!(packer.join().expect("the packer"), (true, false));
+        });
+        let ended = Arrivals::default();
+        ended.close();
+        assert_eq!(ended.layers(), None);
     }
 }
