@@ -73,7 +73,7 @@ impl PullProgress for Quiet {
 }
 
 /// How [`Images`] may fetch.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Use the store only; a missing image is an error.
     pub offline: bool,
@@ -87,7 +87,19 @@ pub struct Settings {
 }
 
 /// Default cap on a tarball's size on disk.
-pub const DEFAULT_TARBALL_LIMIT: u64 = 16 << 30;
+const DEFAULT_TARBALL_LIMIT: u64 = 16 << 30;
+
+impl Default for Settings {
+    /// Pulls allowed, HTTPS but for loopback, the default limits.
+    fn default() -> Settings {
+        Settings {
+            offline: false,
+            insecure_registries: Vec::new(),
+            limits: Limits::default(),
+            tarball_limit: DEFAULT_TARBALL_LIMIT,
+        }
+    }
+}
 
 /// Where an image came from and what the store holds of it.
 #[derive(Debug, Clone)]
@@ -123,13 +135,7 @@ impl Images {
             context: "cannot find the cache directory".into(),
             source: std::io::Error::other(e),
         })?;
-        Ok(Images::new(
-            cache,
-            Settings {
-                tarball_limit: DEFAULT_TARBALL_LIMIT,
-                ..Settings::default()
-            },
-        ))
+        Ok(Images::new(cache, Settings::default()))
     }
 
     /// Reports pulls to `progress`.

@@ -146,7 +146,6 @@ fn serve(args: Args) -> anyhow::Result<()> {
         vmette::images::Settings {
             offline: args.offline,
             insecure_registries: args.insecure_registry.clone(),
-            tarball_limit: vmette::images::DEFAULT_TARBALL_LIMIT,
             ..vmette::images::Settings::default()
         },
     );
