@@ -206,16 +206,32 @@ fn open(path: &Path) -> io::Result<Box<dyn Read>> {
     let seen = read_up_to(&mut file, &mut magic)?;
     let head = io::Cursor::new(magic[..seen].to_vec());
     let stream = head.chain(file);
-    Ok(if magic[..seen].starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(stream))
-    } else if magic[..seen] == ZSTD_MAGIC {
-        Box::new(Zstd::new(stream))
-    } else {
-        Box::new(stream)
+    Ok(match Compression::of(&magic[..seen]) {
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(stream)),
+        Compression::Zstd => Box::new(Zstd::new(stream)),
+        Compression::None => Box::new(stream),
     })
 }
 
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// How a layer or tarball is compressed, as its first bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Compression {
+    Gzip,
+    Zstd,
+    None,
+}
+
+impl Compression {
+    pub(crate) fn of(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+}
 
 /// A zstd stream of any number of frames, skippable ones (zstd:chunked's
 /// metadata) skipped; ending inside a frame is an error.
@@ -303,7 +319,7 @@ impl<R: Read> Read for Putback<R> {
 }
 
 /// Fills as much of `buf` as the stream has, stopping only at its end.
-fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut seen = 0;
     while seen < buf.len() {
         match reader.read(&mut buf[seen..]) {

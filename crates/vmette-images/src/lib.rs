@@ -296,7 +296,7 @@ impl Images {
         if metadata.is_dir() {
             return Ok(plain(ResolvedRoot::Directory(path.to_path_buf())));
         }
-        if squash::looks_like_tarball(path) {
+        if tarball::looks_like_tarball(path) {
             let store = self.store()?;
             return tarball::convert(&store, word, path, &self.settings).map(|(root, record)| {
                 Found {

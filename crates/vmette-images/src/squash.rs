@@ -8,7 +8,7 @@
 //! 0.6 s here, where zstd took 24 s.
 
 use std::io::{BufWriter, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::layers::{self, Layer, LayerError, Limits};
@@ -150,22 +150,3 @@ fn widen_pipe(pipe: &std::process::ChildStdin) {
 
 #[cfg(not(target_os = "linux"))]
 fn widen_pipe(_pipe: &std::process::ChildStdin) {}
-
-/// Whether `path` starts like a tar stream, plain or compressed.
-pub fn looks_like_tarball(path: &Path) -> bool {
-    let mut head = [0u8; 512];
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut seen = 0;
-    while seen < head.len() {
-        match file.read(&mut head[seen..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen += n,
-        }
-    }
-    let head = &head[..seen];
-    head.starts_with(&[0x1f, 0x8b])
-        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        || (seen == 512 && &head[257..262] == b"ustar")
-}

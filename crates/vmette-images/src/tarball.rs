@@ -66,6 +66,19 @@ pub fn convert(
     Ok((root, record))
 }
 
+/// Whether `path` starts like a tar stream, plain or compressed.
+pub fn looks_like_tarball(path: &Path) -> bool {
+    let mut head = [0u8; 512];
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(seen) = crate::layers::read_up_to(&mut file, &mut head) else {
+        return false;
+    };
+    crate::layers::Compression::of(&head[..seen]) != crate::layers::Compression::None
+        || (seen == head.len() && &head[257..262] == b"ustar")
+}
+
 /// Copies `path` into a store temp file, at most `limit` bytes, and
 /// returns its digest with the copy.
 fn copy_hashed(
