@@ -208,14 +208,15 @@ impl Images {
                 let key = store::root_key(&layers);
                 let paths: Vec<PathBuf> = layers.iter().map(|d| store.blob_path(d)).collect();
                 let ready = |index: usize| arrivals.wait(&layers[index]);
-                Some(squash::pack_when_ready(
+                let root = squash::pack_when_ready(
                     store,
                     &key,
                     &paths,
                     self.settings.limits,
                     &reference,
                     &ready,
-                ))
+                );
+                Some(root.map(|root| (root, key, layers)))
             });
             let pulled = registry::pull(store, name, &access, &*self.progress, &arrivals);
             arrivals.close();
@@ -228,8 +229,8 @@ impl Images {
             (pulled, packed)
         });
         let pulled = pulled?;
-        let root = match packed {
-            Some(root) => root?,
+        let (root, key, layers) = match packed {
+            Some(packed) => packed?,
             None => {
                 return Err(ImageError::Pack {
                     reference,
@@ -237,17 +238,11 @@ impl Images {
                 })
             }
         };
-        let layers: Vec<String> = pulled
-            .manifest
-            .layers
-            .iter()
-            .map(|l| l.digest.clone())
-            .collect();
         let record = ImageRecord {
             name: reference,
             digest: pulled.manifest_digest,
             config: Some(pulled.manifest.config.digest.clone()),
-            root: store::root_key(&layers),
+            root: key,
             layers,
             fingerprint: None,
         };
