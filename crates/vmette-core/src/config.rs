@@ -228,11 +228,6 @@ impl Config {
                 return invalid("workdir", format!("{dir} is not an absolute path"));
             }
         }
-        if let Some(user) = &self.user {
-            if user.is_empty() || user.split(':').count() > 2 {
-                return invalid("user", format!("{user:?} is not USER or USER:GROUP"));
-            }
-        }
         Ok(())
     }
 

@@ -135,8 +135,10 @@ impl<'a> Runner<'a> {
         let deadline = config.timeout.map(|t| started + t);
         let spec = exec_spec(config);
         // The guest refuses what breaks the protocol's rules; find out here,
-        // before a VM starts, and name the setting.
-        HostMessage::Exec(spec.request(1)).validate()?;
+        // before a VM starts, and name the setting. What is checked is what
+        // the session will send: the image's Env, WorkingDir and User under
+        // the run's own.
+        HostMessage::Exec(config.exec_defaults.apply(&spec).request(1)).validate()?;
 
         let interrupts = self.interrupts;
         let session = match Session::boot(
