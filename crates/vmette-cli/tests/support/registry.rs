@@ -256,12 +256,8 @@ fn hex_string(bytes: &[u8]) -> String {
 }
 
 fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        .unwrap_or(false)
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A tar layer of `entries`: (path, contents) for files, a path ending in
@@ -292,12 +288,8 @@ pub fn tar_layer(entries: &[(&str, &[u8])]) -> Vec<u8> {
 /// A private cache for a test: the shared kernel, initramfs and default
 /// image (linked), and a store of its own.
 pub fn private_cache() -> (tempfile::TempDir, PathBuf) {
-    let shared = std::env::var_os("VMETTE_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("vmette")))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/vmette")
-        });
+    let cache = vmette::assets::Cache::locate().expect("the user's vmette cache");
+    let shared = cache.root();
     let dir = tempfile::Builder::new()
         .prefix("vmette-cache-")
         .tempdir()

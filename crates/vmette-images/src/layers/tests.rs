@@ -74,6 +74,15 @@ fn tar_bytes(entries: &[E]) -> Vec<u8> {
     out
 }
 
+/// Sets byte `at` of the first member's name in `tar`, keeping its
+/// header's checksum right.
+fn set_name_byte(tar: &mut [u8], at: usize, byte: u8) {
+    let mut header = tar::Header::from_byte_slice(&tar[..512]).clone();
+    header.as_mut_bytes()[at] = byte;
+    header.set_cksum();
+    tar[..512].copy_from_slice(header.as_bytes());
+}
+
 #[derive(Clone, Copy)]
 enum Packing {
     Plain,
@@ -389,17 +398,11 @@ fn an_opaque_root_hides_every_lower_entry() {
 #[test]
 fn whiteouts_are_matched_by_bytes_and_old_style_directories_are_directories() {
     let dir = tempfile::tempdir().expect("a temp dir");
+    // Members renamed in place to the non-UTF-8 "\xff" and ".wh.\xff".
     let mut lower = tar_bytes(&[file("x", b"x")]);
-    // Rename the member to a non-UTF-8 name, "\xff", in place.
-    lower[0] = 0xff;
-    lower[148..156].copy_from_slice(b"        ");
-    let sum: u32 = lower[..512].iter().map(|&b| u32::from(b)).sum();
-    lower[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    set_name_byte(&mut lower, 0, 0xff);
     let mut upper = tar_bytes(&[file(".wh.x", b""), file("olddir/", b"")]);
-    upper[4] = 0xff;
-    upper[148..156].copy_from_slice(b"        ");
-    let sum: u32 = upper[..512].iter().map(|&b| u32::from(b)).sum();
-    upper[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    set_name_byte(&mut upper, 4, 0xff);
     let paths = [dir.path().join("0"), dir.path().join("1")];
     std::fs::write(&paths[0], lower).expect("write");
     std::fs::write(&paths[1], upper).expect("write");
