@@ -20,11 +20,11 @@ use crate::{AssetError, Cache, Progress};
 /// File name of the default image in the cache's `images/` directory.
 pub const DEFAULT_IMAGE: &str = "debian-bookworm-minbase.erofs";
 
-/// Debian suite of the default image.
-const SUITE: &str = "bookworm";
+/// Debian suite of the default image (and of every preset built on it).
+pub const SUITE: &str = "bookworm";
 
 /// Packages added to `minbase`: `mount` for remounts and `procps` for `ps`.
-const EXTRA_PACKAGES: &str = "mount,procps";
+pub const BASE_PACKAGES: &[&str] = &["mount", "procps"];
 
 /// Path of the default image, whether it exists yet or not.
 pub fn default_image_path(cache: &Cache) -> PathBuf {
@@ -59,23 +59,13 @@ pub fn build_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, 
     ));
     if is_root() {
         let tree = work.path().join("tree");
-        run(tool("mmdebstrap")
-            .env("TMPDIR", &scratch)
-            .args(["--quiet", "--variant=minbase", "--mode=root"])
-            .arg(format!("--include={EXTRA_PACKAGES}"))
-            .arg(SUITE)
-            .arg(&tree))?;
+        run(&mut mmdebstrap(&[], &scratch, &tree, true))?;
         progress.step("packing the erofs image");
         run(tool("mkfs.erofs").arg("--quiet").arg(&image).arg(&tree))?;
         remove_tree(&tree)?;
     } else {
         let tarball = work.path().join("rootfs.tar");
-        run(tool("mmdebstrap")
-            .env("TMPDIR", &scratch)
-            .args(["--quiet", "--variant=minbase", "--mode=unshare"])
-            .arg(format!("--include={EXTRA_PACKAGES}"))
-            .arg(SUITE)
-            .arg(&tarball))?;
+        run(&mut mmdebstrap(&[], &scratch, &tarball, true))?;
         progress.step("packing the erofs image");
         run(tool("unshare")
             .args(["--map-auto", "--map-root-user", "--", "sh", "-euc"])
@@ -89,6 +79,37 @@ pub fn build_default(cache: &Cache, progress: &dyn Progress) -> Result<PathBuf, 
         .map_err(AssetError::io(format!("cannot store {}", target.display())))?;
     progress.finish();
     Ok(target)
+}
+
+/// The `mmdebstrap` command that builds Debian [`SUITE`] `minbase` with
+/// [`BASE_PACKAGES`] and `packages` into `target` (a directory, or a
+/// tarball when it ends in `.tar`), its temporary files in `scratch`;
+/// `quiet` keeps its `I:` progress lines off stderr.
+/// As root it builds directly; as an ordinary user in a user namespace
+/// mapped with the user's subordinate ids (`unshare` mode), where only a
+/// tarball keeps the owners right.
+pub fn mmdebstrap(
+    packages: &[&str],
+    scratch: &Path,
+    target: &Path,
+    quiet: bool,
+) -> std::process::Command {
+    let mode = if is_root() { "root" } else { "unshare" };
+    let mut command = tool("mmdebstrap");
+    command.env("TMPDIR", scratch);
+    if quiet {
+        command.arg("--quiet");
+    }
+    command
+        .arg("--variant=minbase")
+        .arg(format!("--mode={mode}"))
+        .arg(format!(
+            "--include={}",
+            [BASE_PACKAGES, packages].concat().join(",")
+        ))
+        .arg(SUITE)
+        .arg(target);
+    command
 }
 
 fn remove_tree(tree: &Path) -> Result<(), AssetError> {

@@ -9,7 +9,9 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 const RUN_EXAMPLES: &str = "\
 Examples:
   vmette run -- uname -a
+  vmette run python -- python3 -c 'print(6*7)'
   vmette run python:3.12-slim -- python3 -c 'print(6*7)'
+  vmette run --sha256 9f86d0… https://example.com/root.tar.gz -- ls /
   vmette run --entrypoint /bin/sh node:22 -- -c 'node --version'
   vmette run ./rootfs.tar.zst -- ls /
   vmette run --sh 'echo $HOME | wc -c'
@@ -26,9 +28,11 @@ without a PTY. Otherwise a terminal is not read.
 
 The image comes first, as with docker run, and the command after --:
 `vmette run uname -a` means the image `uname`. A path (./, ../, /, ~/) is a
-directory, a tarball or a file-system image; `debian` is the default image;
-any other word is looked up in the local store, then pulled from its
-registry (python:3.12 is docker.io/library/python:3.12).
+directory, a tarball or a file-system image, and an http(s) URL a tarball.
+A bare preset name is a preset, built from Debian packages at first use:
+debian (the default image), python, node, toolbox. Any other word is looked
+up in the local store, then pulled from its registry (python:3.12 is
+docker.io/library/python:3.12, not the preset).
 
 Exit status: the command's own code; 128+N if it died of signal N;
 124 on timeout; 125 if vmette failed before the command ran;
@@ -133,8 +137,29 @@ pub enum Command {
         after_help = "Examples:\n  vmette pull python:3.12-slim\n  vmette pull 127.0.0.1:5000/team/tool:v2\n\nCredentials come from ~/.docker/config.json ($DOCKER_CONFIG), or from\nVMETTE_REGISTRY_HOST, VMETTE_REGISTRY_USERNAME and VMETTE_REGISTRY_PASSWORD."
     )]
     Pull(PullArgs),
+    /// List the images in the local store, presets marked.
+    #[command(after_help = "Examples:\n  vmette images\n  vmette images --json")]
+    Images(JsonArgs),
+    /// Show what the store knows of an image: config, layers, platform,
+    /// where it came from.
+    #[command(
+        after_help = "Examples:\n  vmette inspect python\n  vmette inspect python:3.12-slim --json"
+    )]
+    Inspect(InspectArgs),
+    /// Remove images from the store; a root a VM uses is freed by a later
+    /// `vmette prune`.
+    #[command(
+        after_help = "Examples:\n  vmette rmi python:3.12-slim\n  vmette rmi node ./root.tar"
+    )]
+    Rmi(RmiArgs),
+    /// Free what no image in the store names (and with --all, every image
+    /// no VM uses); prints what it freed.
+    #[command(after_help = "Examples:\n  vmette prune\n  vmette prune --all --json")]
+    Prune(ImagePruneArgs),
     /// Fetch the kernel and build the initramfs and default image now.
-    #[command(after_help = "Examples:\n  vmette setup\n  vmette setup --rebuild-image")]
+    #[command(
+        after_help = "Examples:\n  vmette setup\n  vmette setup --presets python,node\n  vmette setup --rebuild-image"
+    )]
     Setup(SetupArgs),
     /// List or prune the cache of kernels, initramfs archives and images.
     #[command(
@@ -161,6 +186,36 @@ pub struct ImageArgs {
     /// Refuse an image or tarball that is, or expands to, more than this.
     #[arg(long, default_value = "64G", value_name = "SIZE")]
     pub image_limit: String,
+    /// The sha256 a tarball downloaded from a URL must have.
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image, named as for `vmette run`.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    /// Print JSON for programs instead of text for people.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RmiArgs {
+    /// The images, named as for `vmette run`.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagePruneArgs {
+    /// Remove every image that no VM uses, presets included.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON for programs instead of text for people.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -346,6 +401,9 @@ pub struct SetupArgs {
     /// Build the default image again even if it exists.
     #[arg(long)]
     pub rebuild_image: bool,
+    /// Also build these presets (python, node, toolbox), unless built.
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub presets: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -29,6 +29,12 @@ pub fn cache(command: CacheCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn print(cache: &Cache, assets: &[Asset], json: bool, verb: &str) {
+    // The image store lives in the cache too; `vmette images` and `vmette
+    // prune` are its own list and prune.
+    let store = cache.root().join("store");
+    let store_bytes = vmette::images::Images::new(cache.clone(), Default::default())
+        .store_bytes()
+        .unwrap_or(0);
     if json {
         let entries: Vec<_> = assets
             .iter()
@@ -42,7 +48,11 @@ fn print(cache: &Cache, assets: &[Asset], json: bool, verb: &str) {
             .collect();
         println!(
             "{}",
-            serde_json::json!({"cache": cache.root().display().to_string(), "entries": entries})
+            serde_json::json!({
+                "cache": cache.root().display().to_string(),
+                "entries": entries,
+                "store": {"path": store.display().to_string(), "bytes": store_bytes},
+            })
         );
         return;
     }
@@ -61,4 +71,11 @@ fn print(cache: &Cache, assets: &[Asset], json: bool, verb: &str) {
         total as f64 / (1024.0 * 1024.0),
         cache.root().display()
     );
+    if verb.is_empty() {
+        println!(
+            "image store {:>9.1} MiB  {} (see `vmette images`)",
+            store_bytes as f64 / (1024.0 * 1024.0),
+            store.display()
+        );
+    }
 }

@@ -9,6 +9,7 @@ mod args;
 mod cache;
 mod client;
 mod doctor;
+mod images;
 mod progress;
 mod pull;
 mod run;
@@ -48,6 +49,10 @@ fn main() -> ExitCode {
         args::Command::Ps(args) => verbs::ps(args.json),
         args::Command::Stop(args) => verbs::stop(args),
         args::Command::Daemon(command) => verbs::daemon(command),
+        args::Command::Images(args) => images::list(args.json),
+        args::Command::Inspect(args) => images::inspect(&args),
+        args::Command::Rmi(args) => images::remove(&args, cli.quiet),
+        args::Command::Prune(args) => images::prune(&args, cli.quiet),
         args::Command::Setup(args) => setup::setup(&args, cli.quiet),
         args::Command::Cache(command) => cache::cache(command),
         args::Command::Doctor(args) => doctor::doctor(args.json),

@@ -130,6 +130,7 @@ pub fn images(args: &ImageArgs, quiet: bool) -> anyhow::Result<Images> {
                 ..vmette::images::Limits::default()
             },
             tarball_limit: limit,
+            expected_sha256: args.sha256.clone(),
         },
     );
     Ok(images.with_progress(PullBars::new(quiet)))

@@ -115,6 +115,10 @@ pub struct Config {
     /// What every exec of the machine starts from: the image's `Env`,
     /// `WorkingDir` and `User`, filled by [`Config::resolve_image`].
     pub exec_defaults: crate::ExecDefaults,
+    /// The image provider's hold on the resolved root (set by
+    /// [`Config::resolve_image`]); every VM booted from this config keeps
+    /// it until the VM is gone.
+    pub image_lease: Option<crate::ImageLease>,
     /// What the command reads on stdin.
     pub stdin: Stdin,
     /// Run the command on a PTY of this size (stdin then feeds the
@@ -169,6 +173,7 @@ impl Config {
             user: None,
             entrypoint: None,
             exec_defaults: crate::ExecDefaults::default(),
+            image_lease: None,
             stdin: Stdin::Null,
             pty: None,
             rootfs: Rootfs::Default,

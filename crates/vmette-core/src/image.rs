@@ -7,6 +7,7 @@
 //! [`Config::resolve_image`] before booting.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::assets::Progress;
 use crate::{Config, Error, Rootfs};
@@ -46,7 +47,38 @@ pub struct ResolvedImage {
     pub root: ResolvedRoot,
     /// How the image wants its commands run.
     pub config: ImageConfig,
+    /// Keeps the root from being removed while a VM uses it.
+    pub lease: Option<ImageLease>,
 }
+
+/// A provider's hold on a root it handed out (a shared lock on the file,
+/// say), kept by [`Config::image_lease`] and then by every VM booted from
+/// that config until the VM is gone, so that a prune of the provider's
+/// store never frees a root in use. Released when the last clone drops.
+#[derive(Clone)]
+pub struct ImageLease(Arc<dyn Send + Sync>);
+
+impl ImageLease {
+    /// A lease that holds `hold` until the last clone is dropped.
+    pub fn new(hold: impl Send + Sync + 'static) -> ImageLease {
+        ImageLease(Arc::new(hold))
+    }
+}
+
+impl std::fmt::Debug for ImageLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImageLease")
+    }
+}
+
+/// Two leases are equal when they are clones of one hold.
+impl PartialEq for ImageLease {
+    fn eq(&self, other: &ImageLease) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ImageLease {}
 
 /// Where a resolved image's root is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +134,7 @@ impl Config {
                         writable: false,
                     },
                 };
+                config.image_lease = resolved.lease;
                 resolved.config
             }
             _ => ImageConfig::default(),
@@ -169,6 +202,7 @@ mod tests {
             Ok(ResolvedImage {
                 root: ResolvedRoot::Image("/store/root.sqfs".into()),
                 config: self.0.clone(),
+                lease: Some(ImageLease::new(())),
             })
         }
     }
@@ -207,6 +241,15 @@ mod tests {
         );
         let config = resolved("", None);
         assert_eq!(config.rootfs, Rootfs::Image("/store/root.sqfs".into()));
+    }
+
+    #[test]
+    fn the_resolved_config_holds_the_providers_lease() {
+        let config = resolved("", None);
+        let lease = config.image_lease.clone();
+        assert!(lease.is_some());
+        assert_eq!(config.clone().image_lease, lease);
+        assert_eq!(Config::default_machine().image_lease, None);
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub use config::{
 };
 pub use engine::{Check, Engine, EngineError, Vm, VmSpec};
 pub use error::Error;
-pub use image::{ExecDefaults, ImageConfig, ImageProvider, ResolvedImage, ResolvedRoot};
+pub use image::{
+    ExecDefaults, ImageConfig, ImageLease, ImageProvider, ResolvedImage, ResolvedRoot,
+};
 pub use run::{RunOutput, RunStatus, Runner};
 pub use session::{
     EndReason, Exec, ExecEvent, ExecOutput, ExecSpec, ExecStatus, ExecStdin, Session, StopHandle,

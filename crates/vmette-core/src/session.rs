@@ -216,6 +216,8 @@ pub struct Session {
     // watchdog last, since it guards both.
     run_dir: Option<tempfile::TempDir>,
     watchdog: Option<Watchdog>,
+    // The root's lease, held until the VM that reads the root is gone.
+    _image_lease: Option<crate::ImageLease>,
 }
 
 /// Stops a session from any thread.
@@ -515,6 +517,7 @@ impl Session {
             monitor: Some(monitor),
             run_dir: Some(run_dir),
             watchdog: Some(watchdog),
+            _image_lease: config.image_lease.clone(),
         })
     }
 

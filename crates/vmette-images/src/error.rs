@@ -58,6 +58,22 @@ pub enum ImageError {
         /// What is wrong.
         reason: String,
     },
+    /// A preset could not be built.
+    #[error("cannot build the preset {name}: {reason}")]
+    Preset {
+        /// The preset.
+        name: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A tarball could not be downloaded, or is not what was asked for.
+    #[error("cannot use the tarball at {url}: {reason}")]
+    Download {
+        /// The URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
     /// The packer (`tar2sqfs`) failed or is missing.
     #[error("cannot pack the root of {reference}: {reason}")]
     Pack {

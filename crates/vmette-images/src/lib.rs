@@ -8,11 +8,17 @@
 //!
 //! 1. a path (written with `./`, `../`, `/` or `~/`): a directory, a
 //!    tarball (`.tar`, gzip or zstd, found by its bytes) or a file-system
-//!    image;
-//! 2. a preset name: `debian` is the default image;
+//!    image; an `http://` or `https://` URL of a tarball;
+//! 2. a preset ([`preset`]): a bare name with no tag, registry or
+//!    namespace (`python`, `node`, `toolbox`; `debian` is the default
+//!    image), built from Debian packages at first use;
 //! 3. a name in the local store (`python:3.12` as
 //!    `docker.io/library/python:3.12`);
 //! 4. a registry reference, pulled into the store (unless offline).
+//!
+//! The store ([`Store`]) is shared by every vmette process of the user at
+//! once; its module says how pulls, runs and prunes keep out of each
+//! other's way.
 //!
 //! An image's layers are flattened top-down into one tar stream
 //! ([`layers`]) and packed by `tar2sqfs` into one read-only squashfs root
@@ -24,9 +30,12 @@
 
 mod arrivals;
 mod auth;
+mod download;
 mod error;
+mod inventory;
 pub mod layers;
 mod manifest;
+pub mod preset;
 mod reference;
 mod registry;
 mod squash;
@@ -39,11 +48,13 @@ use arrivals::Arrivals;
 
 pub use auth::Credentials;
 pub use error::ImageError;
+pub use inventory::{Inspected, Listed, Origin};
 pub use layers::Limits;
+pub use preset::{Preset, PRESETS};
 pub use reference::ImageName;
 pub use registry::STALL_TIMEOUT;
-pub use store::{ImageRecord, Store};
-use vmette_core::{ImageConfig, ResolvedImage, ResolvedRoot};
+pub use store::{ImageRecord, Removal, Removed, RootLease, Store, StoreLock};
+use vmette_core::{ImageConfig, ImageLease, ResolvedImage, ResolvedRoot};
 
 /// The preset that names the default image.
 pub const DEFAULT_PRESET: &str = "debian";
@@ -82,8 +93,11 @@ pub struct Settings {
     pub insecure_registries: Vec<String>,
     /// Bounds on what an image or tarball may expand to.
     pub limits: Limits,
-    /// Largest tarball file accepted, bytes.
+    /// Largest tarball file accepted, bytes (a download's too).
     pub tarball_limit: u64,
+    /// The sha256 a downloaded tarball must have (`--sha256`), as
+    /// `HEX` or `sha256:HEX`.
+    pub expected_sha256: Option<String>,
 }
 
 /// Default cap on a tarball's size on disk.
@@ -97,12 +111,13 @@ impl Default for Settings {
             insecure_registries: Vec::new(),
             limits: Limits::default(),
             tarball_limit: DEFAULT_TARBALL_LIMIT,
+            expected_sha256: None,
         }
     }
 }
 
 /// Where an image came from and what the store holds of it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Found {
     /// The root.
     pub root: ResolvedRoot,
@@ -110,6 +125,20 @@ pub struct Found {
     pub config: ImageConfig,
     /// The store's record, for images that came through it.
     pub record: Option<ImageRecord>,
+    /// The hold on a stored root, which keeps prunes from freeing it;
+    /// keep it as long as a VM reads the root.
+    pub lease: Option<RootLease>,
+}
+
+impl Found {
+    fn plain(root: ResolvedRoot) -> Found {
+        Found {
+            root,
+            config: ImageConfig::default(),
+            record: None,
+            lease: None,
+        }
+    }
 }
 
 /// The image provider: presets, the store, registries and local files.
@@ -149,8 +178,8 @@ impl Images {
         Store::open(&self.cache)
     }
 
-    /// Resolves `word` by the crate's precedence: path, preset, store,
-    /// registry.
+    /// Resolves `word` by the crate's precedence: path or URL, preset,
+    /// store, registry. A stored root comes with its lease.
     pub fn resolve_word(
         &self,
         word: &str,
@@ -159,17 +188,29 @@ impl Images {
         if let Some(path) = as_path(word) {
             return self.resolve_path(word, &path);
         }
-        if word == DEFAULT_PRESET {
-            return Ok(Found {
-                root: ResolvedRoot::Default,
-                config: ImageConfig::default(),
-                record: None,
-            });
+        if download::is_url(word) {
+            let store = self.store()?;
+            let held = store.writing()?;
+            if store.lookup(word).is_none() {
+                steps.step(&format!("downloading {word}"));
+            }
+            let (_, record) = download::fetch(&store, word, &self.settings, false)?;
+            steps.finish();
+            return self.leased(&store, record, ImageConfig::default(), &held);
+        }
+        if let Some(preset) = preset::named(word) {
+            if preset.is_default() {
+                return Ok(Found::plain(ResolvedRoot::Default));
+            }
+            return self.preset(preset, steps);
         }
         let name = ImageName::parse(word)?;
         let store = self.store()?;
-        if let Some(found) = self.stored(&store, &name.canonical())? {
-            return Ok(found);
+        {
+            let held = store.shared()?;
+            if let Some(found) = self.stored(&store, &name.canonical(), &held)? {
+                return Ok(found);
+            }
         }
         if self.settings.offline {
             return Err(ImageError::NotStored {
@@ -180,9 +221,80 @@ impl Images {
         self.pull_into(&store, &name)
     }
 
+    /// Builds `preset` now unless its recipe is stored; returns its
+    /// record.
+    pub fn build_preset(
+        &self,
+        preset: &Preset,
+        steps: &dyn vmette_core::assets::Progress,
+    ) -> Result<Option<ImageRecord>, ImageError> {
+        if preset.is_default() {
+            return Ok(None);
+        }
+        let found = self.preset(preset, steps)?;
+        Ok(found.record)
+    }
+
+    fn preset(
+        &self,
+        preset: &Preset,
+        steps: &dyn vmette_core::assets::Progress,
+    ) -> Result<Found, ImageError> {
+        let store = self.store()?;
+        {
+            let held = store.shared()?;
+            if let Some(record) = preset.stored(&store) {
+                return self.leased(&store, record, preset.image_config(), &held);
+            }
+        }
+        if self.settings.offline {
+            return Err(ImageError::Preset {
+                name: preset.name.to_string(),
+                reason: format!(
+                    "it is not built yet, and --offline forbids fetching its packages; build it first with `vmette setup --presets {}`",
+                    preset.name
+                ),
+            });
+        }
+        let held = store.writing()?;
+        // Another process may have built it while this one waited.
+        let record = match preset.stored(&store) {
+            Some(record) => record,
+            None => preset.build(&store, self.settings.limits, steps)?,
+        };
+        self.leased(&store, record, preset.image_config(), &held)
+    }
+
+    /// `record`'s root with a lease on it, taken while `_held` keeps
+    /// removals out; its use noted.
+    fn leased(
+        &self,
+        store: &Store,
+        record: ImageRecord,
+        config: ImageConfig,
+        _held: &StoreLock,
+    ) -> Result<Found, ImageError> {
+        let root = store.root_path(&record.root);
+        let lease = store.lease(&root)?;
+        store.touch(&record.name);
+        Ok(Found {
+            root: ResolvedRoot::Image(root),
+            config,
+            record: Some(record),
+            lease: Some(lease),
+        })
+    }
+
     /// Pulls `reference` into the store (again, even if it is there: the
     /// tag may have moved); blobs already stored are not fetched again.
+    /// A URL is downloaded again.
     pub fn pull(&self, reference: &str) -> Result<Found, ImageError> {
+        if download::is_url(reference) {
+            let store = self.store()?;
+            let held = store.writing()?;
+            let (_, record) = download::fetch(&store, reference, &self.settings, true)?;
+            return self.leased(&store, record, ImageConfig::default(), &held);
+        }
         let name = ImageName::parse(reference)?;
         if self.settings.offline {
             return Err(ImageError::NotStored {
@@ -194,6 +306,7 @@ impl Images {
     }
 
     fn pull_into(&self, store: &Store, name: &ImageName) -> Result<Found, ImageError> {
+        let held = store.writing()?;
         let access = registry::Access {
             insecure: &self.settings.insecure_registries,
             layer_limit: self.settings.limits.expanded_bytes,
@@ -245,16 +358,19 @@ impl Images {
             root: key,
             layers,
             fingerprint: None,
+            stored: 0,
         };
+        debug_assert_eq!(root, store.root_path(&record.root));
         store.record(&record)?;
-        Ok(Found {
-            root: ResolvedRoot::Image(root),
-            config: pulled.config.image_config(),
-            record: Some(record),
-        })
+        self.leased(store, record, pulled.config.image_config(), &held)
     }
 
-    fn stored(&self, store: &Store, name: &str) -> Result<Option<Found>, ImageError> {
+    fn stored(
+        &self,
+        store: &Store,
+        name: &str,
+        held: &StoreLock,
+    ) -> Result<Option<Found>, ImageError> {
         let Some(record) = store.lookup(name) else {
             return Ok(None);
         };
@@ -271,11 +387,7 @@ impl Images {
             }
             None => ImageConfig::default(),
         };
-        Ok(Some(Found {
-            root: ResolvedRoot::Image(store.root_path(&record.root)),
-            config,
-            record: Some(record),
-        }))
+        self.leased(store, record, config, held).map(Some)
     }
 
     fn resolve_path(&self, word: &str, path: &Path) -> Result<Found, ImageError> {
@@ -283,25 +395,16 @@ impl Images {
             path: word.to_string(),
             reason: format!("cannot use it as a root: {e}"),
         })?;
-        let plain = |root| Found {
-            root,
-            config: ImageConfig::default(),
-            record: None,
-        };
         if metadata.is_dir() {
-            return Ok(plain(ResolvedRoot::Directory(path.to_path_buf())));
+            return Ok(Found::plain(ResolvedRoot::Directory(path.to_path_buf())));
         }
         if tarball::looks_like_tarball(path) {
             let store = self.store()?;
-            return tarball::convert(&store, word, path, &self.settings).map(|(root, record)| {
-                Found {
-                    root: ResolvedRoot::Image(root),
-                    config: ImageConfig::default(),
-                    record: Some(record),
-                }
-            });
+            let held = store.writing()?;
+            let (_, record) = tarball::convert(&store, word, path, &self.settings)?;
+            return self.leased(&store, record, ImageConfig::default(), &held);
         }
-        Ok(plain(ResolvedRoot::Image(path.to_path_buf())))
+        Ok(Found::plain(ResolvedRoot::Image(path.to_path_buf())))
     }
 }
 
@@ -325,6 +428,26 @@ impl vmette_core::ImageProvider for Images {
         Ok(ResolvedImage {
             root: found.root,
             config: found.config,
+            lease: found.lease.map(ImageLease::new),
         })
     }
+}
+
+/// Bytes `path` takes on disk: its blocks, not its length (a sparse file
+/// takes less), every file under it for a directory.
+pub(crate) fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = metadata.blocks().saturating_mul(512);
+    if !metadata.is_dir() {
+        return own;
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| disk_usage(&entry.path()))
+        .fold(own, u64::saturating_add)
 }

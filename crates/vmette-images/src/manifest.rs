@@ -195,6 +195,8 @@ pub fn choose<'a>(entries: &'a [Descriptor], architecture: &str) -> Option<&'a D
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct ConfigFile {
     #[serde(default)]
+    pub created: Option<String>,
+    #[serde(default)]
     pub architecture: String,
     #[serde(default)]
     pub os: String,

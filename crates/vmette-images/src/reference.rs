@@ -49,6 +49,11 @@ impl ImageName {
         self.reference.registry()
     }
 
+    /// The repository in the registry (`library/python`).
+    pub fn repository(&self) -> &str {
+        self.reference.repository()
+    }
+
     /// Whether the registry is on this machine, where plain HTTP is allowed.
     pub fn is_loopback(&self) -> bool {
         let host = host_of(self.registry());

@@ -62,9 +62,9 @@ pub struct Access<'a> {
 /// bytes trickle in.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 /// After this long, a blob must have come at `MIN_RATE` on average.
-const RATE_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const RATE_GRACE: Duration = Duration::from_secs(30);
 /// Slowest average a blob download may keep, bytes per second.
-const MIN_RATE: u64 = 32 << 10;
+pub(crate) const MIN_RATE: u64 = 32 << 10;
 
 /// Pulls `name` into `store`; blobs already there are not fetched again.
 ///

@@ -61,6 +61,7 @@ pub fn convert(
         layers: vec![digest],
         root: key,
         fingerprint: Some(fingerprint),
+        stored: 0,
     };
     store.record(&record)?;
     Ok((root, record))

@@ -1,0 +1,225 @@
+//! Root tarballs over HTTP(S): downloaded into the store once, bounded in
+//! size and time, checked against `--sha256` when one is given, and then
+//! converted like a local tarball. The URL is the image's name; a stored
+//! download is used again unless its digest is not the one asked for.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::registry::{MIN_RATE, RATE_GRACE, STALL_TIMEOUT};
+use crate::store::{root_key, ImageRecord, Store};
+use crate::{squash, tarball, ImageError, Settings};
+
+/// Longest wait for a server's answer to begin.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Whether `word` is an HTTP(S) URL.
+pub fn is_url(word: &str) -> bool {
+    word.starts_with("https://") || word.starts_with("http://")
+}
+
+/// The root of the tarball at `url`, downloaded on first use, or when
+/// the stored one's digest is not the one `settings` expects, or `again`.
+pub fn fetch(
+    store: &Store,
+    url: &str,
+    settings: &Settings,
+    again: bool,
+) -> Result<(PathBuf, ImageRecord), ImageError> {
+    let failed = |reason: String| ImageError::Download {
+        url: url.to_string(),
+        reason,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| failed(format!("not a valid URL: {e}")))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(failed(
+            "the URL carries credentials, which would be stored with the image; serve the file without them".into(),
+        ));
+    }
+    let expected = settings
+        .expected_sha256
+        .as_deref()
+        .map(normalised_digest)
+        .transpose()
+        .map_err(failed)?;
+    if let Some(record) = store.lookup(url).filter(|_| !again) {
+        if expected.as_ref().is_none_or(|e| *e == record.digest) {
+            return Ok((store.root_path(&record.root), record));
+        }
+    }
+    if settings.offline {
+        return Err(ImageError::NotStored {
+            reference: url.to_string(),
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ImageError::store("cannot start the download's runtime"))?;
+    let (digest, file) = runtime
+        .block_on(download(store, parsed, settings.tarball_limit))
+        .map_err(failed)?;
+    if let Some(expected) = &expected {
+        if *expected != digest {
+            return Err(failed(format!(
+                "its sha256 is {}, not the {} that --sha256 asks for",
+                digest.trim_start_matches("sha256:"),
+                expected.trim_start_matches("sha256:")
+            )));
+        }
+    }
+    if !tarball::looks_like_tarball(file.path()) {
+        return Err(failed(
+            "it is not a tarball (tar, tar.gz or tar.zst)".into(),
+        ));
+    }
+    let blob = store.blob_path(&digest);
+    if !blob.is_file() {
+        store.persist(file, &blob)?;
+    }
+    let key = root_key(std::slice::from_ref(&digest));
+    let root = squash::pack(store, &key, &[blob], settings.limits, url)?;
+    let record = ImageRecord {
+        name: url.to_string(),
+        digest: digest.clone(),
+        config: None,
+        layers: vec![digest],
+        root: key,
+        fingerprint: None,
+        stored: 0,
+    };
+    store.record(&record)?;
+    Ok((root, record))
+}
+
+/// `sha256:HEX` from `HEX` or `sha256:HEX`, lowercase.
+fn normalised_digest(given: &str) -> Result<String, String> {
+    let hex = given.strip_prefix("sha256:").unwrap_or(given);
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "--sha256 must be 64 hexadecimal digits, not {:?}",
+            given.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(format!("sha256:{}", hex.to_ascii_lowercase()))
+}
+
+/// Downloads `url` into a store temp file, at most `limit` bytes, and
+/// returns its digest with the file.
+async fn download(
+    store: &Store,
+    url: reqwest::Url,
+    limit: u64,
+) -> Result<(String, tempfile::NamedTempFile), String> {
+    #[cfg(not(target_os = "macos"))]
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .connect_timeout(STALL_TIMEOUT)
+        .read_timeout(STALL_TIMEOUT)
+        .user_agent(concat!("vmette/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+    let response = match tokio::time::timeout(ANSWER_DEADLINE, client.get(url).send()).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) if e.is_timeout() => {
+            return Err(format!(
+                "the server did not answer within {} s",
+                STALL_TIMEOUT.as_secs()
+            ))
+        }
+        Ok(Err(e)) if e.is_connect() => return Err("cannot connect to the server".into()),
+        Ok(Err(e)) => return Err(format!("the request failed: {}", without_url(&e))),
+        Err(_) => {
+            return Err(format!(
+                "the server did not answer within {} s",
+                ANSWER_DEADLINE.as_secs()
+            ))
+        }
+    };
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("the server answered HTTP {}", status.as_u16()));
+    }
+    if let Some(length) = response.content_length() {
+        if length > limit {
+            return Err(format!(
+                "it is {length} bytes, over the limit of {limit} (--image-limit)"
+            ));
+        }
+    }
+    let mut file = store.temp_file().map_err(|e| e.to_string())?;
+    let mut hash = Sha256::new();
+    let mut received: u64 = 0;
+    let started = Instant::now();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            if e.is_timeout() {
+                format!(
+                    "the download stalled for {} s; giving up",
+                    STALL_TIMEOUT.as_secs()
+                )
+            } else {
+                format!("the download broke off: {}", without_url(&e))
+            }
+        })?;
+        received += chunk.len() as u64;
+        if received > limit {
+            return Err(format!(
+                "it is over the limit of {limit} bytes (--image-limit)"
+            ));
+        }
+        let elapsed = started.elapsed();
+        if elapsed > RATE_GRACE && received < MIN_RATE.saturating_mul(elapsed.as_secs()) {
+            return Err(format!(
+                "it came slower than {} KiB/s; giving up",
+                MIN_RATE >> 10
+            ));
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk)
+            .map_err(|e| format!("cannot write it to the image store: {e}"))?;
+    }
+    file.as_file()
+        .sync_all()
+        .map_err(|e| format!("cannot write it to the image store: {e}"))?;
+    Ok((format!("sha256:{}", hex::encode(hash.finalize())), file))
+}
+
+/// A request error's words without the URL, which the message names once.
+fn without_url(error: &reqwest::Error) -> String {
+    let mut words = error.to_string();
+    if let Some(url) = error.url() {
+        words = words.replace(&format!(" for url ({url})"), "");
+    }
+    words.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_64_hex_digits_with_or_without_the_prefix() {
+        let hex = "AB".repeat(32);
+        let want = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(normalised_digest(&hex), Ok(want.clone()));
+        assert_eq!(normalised_digest(&format!("sha256:{hex}")), Ok(want));
+        assert!(normalised_digest("abc").is_err());
+        assert!(normalised_digest(&"g".repeat(64)).is_err());
+        assert!(normalised_digest(&format!("sha512:{hex}")).is_err());
+    }
+
+    #[test]
+    fn only_http_and_https_are_urls() {
+        assert!(is_url("https://example.com/root.tar"));
+        assert!(is_url("http://127.0.0.1:8000/root.tar.gz"));
+        assert!(!is_url("ftp://example.com/root.tar"));
+        assert!(!is_url("python:3.12"));
+        assert!(!is_url("./https://x"));
+    }
+}
