@@ -6,93 +6,11 @@ mod support;
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use support::registry::{self, Layout, Registry};
-use support::{code, stderr, stdout, Sandbox};
-
-/// A sandbox with a store of its own.
-struct Images {
-    sandbox: Sandbox,
-    _cache: tempfile::TempDir,
-    cache_path: std::path::PathBuf,
-    store: std::path::PathBuf,
-}
-
-impl Images {
-    fn new() -> Images {
-        let (cache, store) = registry::private_cache();
-        Images {
-            sandbox: Sandbox::new(),
-            cache_path: cache.path().to_path_buf(),
-            _cache: cache,
-            store,
-        }
-    }
-
-    fn run_with(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
-        let output = self.run_live(args, env);
-        self.sandbox.assert_clean();
-        output
-    }
-
-    /// Runs vmette, leaving what it started (a daemon) running.
-    fn run_live(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
-        let mut command = self.sandbox.command(args);
-        command.env("VMETTE_CACHE_DIR", &self.cache_path);
-        command.env_remove("DOCKER_CONFIG");
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("spawn vmette");
-        support::wait_with_limit(child, support::RUN_LIMIT)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_with(args, &[])
-    }
-
-    fn roots(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.store.join("roots"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-}
-
-/// Stops the test's daemon however the test ends.
-struct StopsDaemon<'a> {
-    images: &'a Images,
-    runtime: &'a Path,
-}
-
-impl Drop for StopsDaemon<'_> {
-    fn drop(&mut self) {
-        let _ = self
-            .images
-            .run_live(&["daemon", "stop"], &[("XDG_RUNTIME_DIR", self.runtime)]);
-    }
-}
-
-fn ok(output: &Output) -> String {
-    assert_eq!(code(output), 0, "stderr: {}", stderr(output));
-    stdout(output)
-}
-
-/// A vmette failure before the command: exit 125 and one sentence.
-fn refused(output: &Output) -> String {
-    let message = stderr(output);
-    assert_eq!(code(output), 125, "{message}");
-    assert_eq!(message.trim_end().lines().count(), 1, "{message}");
-    message
-}
+use support::store::{ok, refused, Images, StopsDaemon};
 
 fn docker_config(dir: &Path, registry: &str, password: &str) {
     let auth =

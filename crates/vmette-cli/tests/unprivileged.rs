@@ -1,8 +1,8 @@
 //! vmette needs no root to run (issue 3, point 9). When the suite runs as
 //! root, this test creates an ordinary user, gives it an installed copy of
-//! vmette, and as that user runs `vmette setup` (kernel and default image
-//! into the user's own cache) and then VMs, including a read-write share
-//! served by virtiofsd in a user namespace.
+//! vmette, and as that user runs `vmette setup --presets python` (kernel,
+//! default image and a preset into the user's own cache) and then VMs,
+//! including a read-write share served by virtiofsd in a user namespace.
 //! When the suite already runs as an ordinary user, it runs the same VMs
 //! directly.
 
@@ -102,8 +102,21 @@ fn an_ordinary_user_runs_vms_and_shares() {
     // The user's own set-up: the kernel fetched with apt-get download, the
     // default image built by mmdebstrap in unshare mode and packed in a
     // user namespace. Then a VM from it.
-    let output = as_user(&["setup"]);
+    // A preset too: mmdebstrap's tarball packed by tar2sqfs into the
+    // user's store, owners intact.
+    let output = as_user(&["setup", "--presets", "python"]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    let output = as_user(&[
+        "run",
+        "--offline",
+        "python",
+        "--",
+        "sh",
+        "-c",
+        "python3 -c 'print(6*7)'; stat -c %u:%g:%a /usr/bin/su",
+    ]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    assert_eq!(support::stdout(&output), "42\n0:0:4755\n");
     let output = as_user(&["run", "--", "sh", "-c", "stat -c %u:%g:%a /usr/bin/su"]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
     assert_eq!(
@@ -146,12 +159,15 @@ fn an_ordinary_user_runs_vms_and_shares() {
     ]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
     assert_eq!(support::stdout(&output), "0:0:4755\n1234:1234:640\n2\n");
-    let roots: Vec<_> = std::fs::read_dir(root.join("cache/vmette/store/roots"))
-        .expect("the user's store")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(roots.len(), 1, "{roots:?}");
+    let tarball_name = format!("file://{}", tarball.display());
+    let output = as_user(&["inspect", &word, "--json"]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    let inspected: serde_json::Value =
+        serde_json::from_str(&support::stdout(&output)).expect("inspect --json");
+    assert_eq!(inspected["stored_as"], tarball_name.as_str());
+    let roots = [std::path::PathBuf::from(
+        inspected["root"].as_str().expect("the root's path"),
+    )];
     let xattrs = Command::new("rdsquashfs")
         .arg("-x")
         .arg("home/owned")

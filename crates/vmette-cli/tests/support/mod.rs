@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod registry;
+pub mod store;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -170,6 +171,18 @@ pub fn wait_status(child: &mut Child, limit: Duration) -> ExitStatus {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What a running child has written to its piped stderr so far, once it
+/// has ended (killed first if need be).
+pub fn stderr_of(child: &mut Child) -> String {
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut text = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut text);
+    }
+    text
 }
 
 pub fn stdout(output: &Output) -> String {

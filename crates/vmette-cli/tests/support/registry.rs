@@ -189,6 +189,25 @@ impl Layout {
         run("umoci", &args);
     }
 
+    /// Adds `tag`: the image `from` with `layer` on top, sharing every
+    /// layer of `from`.
+    pub fn derive(&self, from: &str, tag: &str, layer: &[u8]) {
+        let path = self.dir.path().join(format!("{tag}-derived.tar"));
+        std::fs::write(&path, layer).expect("write a raw layer");
+        run(
+            "umoci",
+            &[
+                "raw",
+                "add-layer",
+                "--image",
+                &self.image(from),
+                "--tag",
+                tag,
+                &path.display().to_string(),
+            ],
+        );
+    }
+
     /// Pushes `tag` to `registry` as `test/NAME:TAG`, in Docker's v2s2
     /// format when `v2s2`, with the test credentials when `auth`.
     pub fn push(&self, tag: &str, registry: &str, name: &str, v2s2: bool, auth: bool) -> String {
@@ -251,7 +270,7 @@ impl Layout {
     }
 }
 
-fn hex_string(bytes: &[u8]) -> String {
+pub fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
