@@ -121,7 +121,9 @@ pub struct SessionRequest {
     pub rootfs: Option<RootfsRequest>,
     /// The image instead of the default one (not with `rootfs`): a registry
     /// reference (`python:3.12-slim`), a name in the daemon's store, a
-    /// preset (`debian`), or an absolute path to a directory, tarball or
+    /// preset (`debian`, `python`, `node`, `toolbox`: built from Debian
+    /// packages on first use, which takes a minute), an `http(s)://` URL
+    /// of a root tarball, or an absolute path to a directory, tarball or
     /// file-system image. Its Env, WorkingDir and User apply to every exec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 4096))]

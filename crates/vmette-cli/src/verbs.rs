@@ -83,13 +83,14 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The image as the daemon should take it: a path made absolute, and a
-/// registry image pulled here first, so its progress shows on this
-/// terminal and the daemon finds it in the store they share.
+/// registry image pulled (or a preset built) here first, so its progress
+/// shows on this terminal and the daemon finds it in the store they share.
 fn image_for_daemon(image: &str, settings: &ImageArgs) -> anyhow::Result<String> {
     if let Some(path) = vmette::images::as_path(image) {
         return absolute(&path);
     }
-    crate::run::images(settings, false)?.resolve_word(image, &vmette::assets::Silent)?;
+    let spinner = crate::progress::Spinner::new(false);
+    crate::run::images(settings, false)?.resolve_word(image, &spinner)?;
     Ok(image.to_string())
 }
 
