@@ -183,10 +183,12 @@ pub struct ImageArgs {
     /// registries always are. Repeatable.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub insecure_registry: Vec<String>,
-    /// Refuse an image or tarball that is, or expands to, more than this.
+    /// Refuse to store an image or tarball that is, or expands to, more
+    /// than this (an image already stored is not measured again).
     #[arg(long, default_value = "64G", value_name = "SIZE")]
     pub image_limit: String,
-    /// The sha256 a tarball downloaded from a URL must have.
+    /// The sha256 the tarball (a file, or one downloaded from a URL) must
+    /// have.
     #[arg(long, value_name = "HEX")]
     pub sha256: Option<String>,
 }

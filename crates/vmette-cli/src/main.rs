@@ -116,7 +116,9 @@ fn init_logging(quiet: bool, verbose: u8) {
     // echo credentials) and warn about them: errors only, unless asked for
     // by VMETTE_LOG.
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMETTE_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{level},oci_client=error"))
+        tracing_subscriber::EnvFilter::new(format!(
+            "{level},oci_client=error,rustls_platform_verifier=off"
+        ))
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

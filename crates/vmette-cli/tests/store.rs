@@ -440,6 +440,39 @@ fn tarballs_over_http_are_bounded_and_checked() {
     assert!(message.contains("over the limit"), "{message}");
     assert!(images.roots().is_empty());
 
+    // Refused before anything is fetched: a newline in the URL, a password
+    // in it (never echoed), plain HTTP from another machine unpinned, and
+    // --sha256 for what is not a tarball.
+    let message = refused(&images.run(&["run", &format!("{url}\nvmette: fake"), "--", "true"]));
+    assert!(message.contains("control characters"), "{message}");
+    let with_password = url.replace("http://", "http://user:hunter2@");
+    let message = refused(&images.run(&["run", &with_password, "--", "true"]));
+    assert!(
+        message.contains("credentials") && !message.contains("hunter2"),
+        "{message}"
+    );
+    let message = refused(&images.run(&["run", "http://192.0.2.1/root.tar", "--", "true"]));
+    assert!(message.contains("--sha256"), "{message}");
+    let message = refused(&images.run(&["run", "--sha256", &digest, "debian", "--", "true"]));
+    assert!(message.contains("pins only a tarball"), "{message}");
+    // A local tarball is checked against --sha256 too.
+    let files = images.sandbox.files();
+    let local = files.path().join("root.tar");
+    std::fs::write(&local, &tarball).expect("a local tarball");
+    let local = local.display().to_string();
+    let message = refused(&images.run(&["run", "--sha256", &wrong, &local, "--", "true"]));
+    assert!(message.contains("--sha256"), "{message}");
+    let out = ok(&images.run(&[
+        "run",
+        "--sha256",
+        &digest,
+        &local,
+        "--",
+        "cat",
+        "/etc/marker",
+    ]));
+    assert_eq!(out, "over-http\n");
+
     let out = ok(&images.run(&["run", "--sha256", &digest, &url, "--", "cat", "/etc/marker"]));
     assert_eq!(out, "over-http\n");
     let roots = roots_with_inodes(&images);

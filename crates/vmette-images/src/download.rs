@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::registry::{MIN_RATE, RATE_GRACE, STALL_TIMEOUT};
+use crate::registry::{quoted, MIN_RATE, RATE_GRACE, STALL_TIMEOUT};
 use crate::store::{root_key, ImageRecord, Store};
 use crate::{squash, tarball, ImageError, Settings};
 
@@ -30,22 +30,47 @@ pub fn fetch(
     settings: &Settings,
     again: bool,
 ) -> Result<(PathBuf, ImageRecord), ImageError> {
+    let parsed = reqwest::Url::parse(url).ok();
+    // Messages name the URL without credentials, and with control
+    // characters escaped so that it stays one line.
+    let shown = match &parsed {
+        Some(parsed) => {
+            let mut shown = parsed.clone();
+            let _ = shown.set_username("");
+            let _ = shown.set_password(None);
+            quoted(shown.as_str())
+        }
+        None => quoted(url),
+    };
     let failed = |reason: String| ImageError::Download {
-        url: url.to_string(),
+        url: shown.clone(),
         reason,
     };
-    let parsed = reqwest::Url::parse(url).map_err(|e| failed(format!("not a valid URL: {e}")))?;
+    // The URL is the image's name, shown in listings: nothing in it may
+    // read as more than the one name (the URL parser drops tabs and
+    // newlines, so the name and what is fetched would differ too).
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(failed(
+            "the URL has spaces or control characters; percent-encode them".into(),
+        ));
+    }
+    let Some(parsed) = parsed else {
+        return Err(failed("it is not a valid URL".into()));
+    };
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(failed(
             "the URL carries credentials, which would be stored with the image; serve the file without them".into(),
         ));
     }
-    let expected = settings
-        .expected_sha256
-        .as_deref()
-        .map(normalised_digest)
-        .transpose()
-        .map_err(failed)?;
+    let expected = expected_digest(settings).map_err(failed)?;
+    // Plain HTTP from another machine can be changed on the way; a pinned
+    // digest makes that harmless.
+    let plain_allowed = expected.is_some() || is_loopback(&parsed);
+    if parsed.scheme() == "http" && !plain_allowed {
+        return Err(failed(
+            "plain HTTP from another machine can be tampered with on the way; use https, or pin the file with --sha256".into(),
+        ));
+    }
     if let Some(record) = store.lookup(url).filter(|_| !again) {
         if expected.as_ref().is_none_or(|e| *e == record.digest) {
             return Ok((store.root_path(&record.root), record));
@@ -61,16 +86,15 @@ pub fn fetch(
         .build()
         .map_err(ImageError::store("cannot start the download's runtime"))?;
     let (digest, file) = runtime
-        .block_on(download(store, parsed, settings.tarball_limit))
+        .block_on(download(
+            store,
+            parsed,
+            settings.tarball_limit,
+            plain_allowed,
+        ))
         .map_err(failed)?;
-    if let Some(expected) = &expected {
-        if *expected != digest {
-            return Err(failed(format!(
-                "its sha256 is {}, not the {} that --sha256 asks for",
-                digest.trim_start_matches("sha256:"),
-                expected.trim_start_matches("sha256:")
-            )));
-        }
+    if let Some(expected) = expected.as_deref().filter(|e| *e != digest) {
+        return Err(failed(mismatch(&digest, expected)));
     }
     if !tarball::looks_like_tarball(file.path()) {
         return Err(failed(
@@ -96,6 +120,58 @@ pub fn fetch(
     Ok((root, record))
 }
 
+/// The refusal of a tarball whose `digest` is not the `expected` one.
+pub(crate) fn mismatch(digest: &str, expected: &str) -> String {
+    format!(
+        "its sha256 is {}, not the {} that --sha256 asks for",
+        digest.trim_start_matches("sha256:"),
+        expected.trim_start_matches("sha256:")
+    )
+}
+
+/// The digest `--sha256` asks for, if it does.
+pub(crate) fn expected_digest(settings: &Settings) -> Result<Option<String>, String> {
+    settings
+        .expected_sha256
+        .as_deref()
+        .map(normalised_digest)
+        .transpose()
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// Where a download may be redirected: never from HTTPS to plain HTTP,
+/// plain HTTP only where the first URL could use it, no other scheme, at
+/// most ten hops.
+fn redirects(plain_allowed: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let secure_before = attempt.previous().iter().any(|u| u.scheme() == "https");
+        let next = attempt.url();
+        let refusal = match next.scheme() {
+            _ if attempt.previous().len() >= 10 => Some("it was redirected more than ten times"),
+            "https" => None,
+            "http" if secure_before => Some("it was redirected from HTTPS to plain HTTP"),
+            "http" if plain_allowed || is_loopback(next) => None,
+            "http" => Some("it was redirected to plain HTTP on another machine"),
+            _ => Some("it was redirected to a scheme other than HTTP(S)"),
+        };
+        match refusal {
+            Some(reason) => attempt.error(reason),
+            None => attempt.follow(),
+        }
+    })
+}
+
 /// `sha256:HEX` from `HEX` or `sha256:HEX`, lowercase.
 fn normalised_digest(given: &str) -> Result<String, String> {
     let hex = given.strip_prefix("sha256:").unwrap_or(given);
@@ -114,12 +190,14 @@ async fn download(
     store: &Store,
     url: reqwest::Url,
     limit: u64,
+    plain_allowed: bool,
 ) -> Result<(String, tempfile::NamedTempFile), String> {
     #[cfg(not(target_os = "macos"))]
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .connect_timeout(STALL_TIMEOUT)
         .read_timeout(STALL_TIMEOUT)
+        .redirect(redirects(plain_allowed))
         .user_agent(concat!("vmette/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
@@ -131,8 +209,10 @@ async fn download(
                 STALL_TIMEOUT.as_secs()
             ))
         }
-        Ok(Err(e)) if e.is_connect() => return Err("cannot connect to the server".into()),
-        Ok(Err(e)) => return Err(format!("the request failed: {}", without_url(&e))),
+        Ok(Err(e)) if e.is_connect() => {
+            return Err(format!("cannot connect to the server: {}", cause(&e)))
+        }
+        Ok(Err(e)) => return Err(format!("the request failed: {}", cause(&e))),
         Err(_) => {
             return Err(format!(
                 "the server did not answer within {} s",
@@ -164,7 +244,7 @@ async fn download(
                     STALL_TIMEOUT.as_secs()
                 )
             } else {
-                format!("the download broke off: {}", without_url(&e))
+                format!("the download broke off: {}", cause(&e))
             }
         })?;
         received += chunk.len() as u64;
@@ -190,13 +270,26 @@ async fn download(
     Ok((format!("sha256:{}", hex::encode(hash.finalize())), file))
 }
 
-/// A request error's words without the URL, which the message names once.
-fn without_url(error: &reqwest::Error) -> String {
-    let mut words = error.to_string();
-    if let Some(url) = error.url() {
-        words = words.replace(&format!(" for url ({url})"), "");
+/// What a request error says, down its chain of causes (the top words
+/// are often only "error sending request"), without the URL, which the
+/// message names once: at most 200 characters on one line.
+fn cause(error: &reqwest::Error) -> String {
+    let mut words: Vec<String> = Vec::new();
+    let mut next: Option<&dyn std::error::Error> = Some(error);
+    while let Some(error) = next {
+        let mut text = error.to_string();
+        if let Some(url) = error
+            .downcast_ref::<reqwest::Error>()
+            .and_then(reqwest::Error::url)
+        {
+            text = text.replace(&format!(" for url ({url})"), "");
+        }
+        if !words.iter().any(|w| w.contains(&text)) {
+            words.push(text);
+        }
+        next = error.source();
     }
-    words.chars().take(200).collect()
+    quoted(&words.join(": "))
 }
 
 #[cfg(test)]
@@ -212,6 +305,16 @@ mod tests {
         assert!(normalised_digest("abc").is_err());
         assert!(normalised_digest(&"g".repeat(64)).is_err());
         assert!(normalised_digest(&format!("sha512:{hex}")).is_err());
+    }
+
+    #[test]
+    fn redirects_never_go_from_https_to_http_nor_plain_off_loopback() {
+        let url = |text: &str| reqwest::Url::parse(text).expect("a URL");
+        assert!(is_loopback(&url("http://127.0.0.1:8000/x")));
+        assert!(is_loopback(&url("http://[::1]/x")));
+        assert!(is_loopback(&url("http://localhost/x")));
+        assert!(!is_loopback(&url("http://192.0.2.1/x")));
+        assert!(!is_loopback(&url("http://localhost.example/x")));
     }
 
     #[test]

@@ -134,15 +134,21 @@ impl Images {
         if let Some(preset) = preset::named(word) {
             return Ok(preset.record_name());
         }
-        if download::is_url(word) {
+        // The names `vmette images` shows are taken as they are.
+        let listed = word.starts_with("file://") || word.starts_with("preset:");
+        if download::is_url(word) || listed {
             return Ok(word.to_string());
         }
         if let Some(path) = crate::as_path(word) {
-            let canonical = std::fs::canonicalize(&path).map_err(|e| ImageError::File {
-                path: word.to_string(),
-                reason: e.to_string(),
-            })?;
-            return Ok(format!("file://{}", canonical.display()));
+            // A tarball may be gone since it was converted; its image is
+            // still named by where it was.
+            let absolute = std::fs::canonicalize(&path)
+                .or_else(|_| std::path::absolute(&path))
+                .map_err(|e| ImageError::File {
+                    path: word.to_string(),
+                    reason: e.to_string(),
+                })?;
+            return Ok(format!("file://{}", absolute.display()));
         }
         Ok(ImageName::parse(word)?.canonical())
     }

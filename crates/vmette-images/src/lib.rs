@@ -188,6 +188,7 @@ impl Images {
         if let Some(path) = as_path(word) {
             return self.resolve_path(word, &path);
         }
+        self.refuse_pin_unless(download::is_url(word), word)?;
         if download::is_url(word) {
             let store = self.store()?;
             let held = store.writing()?;
@@ -233,6 +234,18 @@ impl Images {
         }
         let found = self.preset(preset, steps)?;
         Ok(found.record)
+    }
+
+    /// `--sha256` pins a tarball; for anything else it would be a check
+    /// silently not made.
+    fn refuse_pin_unless(&self, tarball: bool, word: &str) -> Result<(), ImageError> {
+        if tarball || self.settings.expected_sha256.is_none() {
+            return Ok(());
+        }
+        Err(ImageError::Refused {
+            reference: word.to_string(),
+            reason: "--sha256 pins only a tarball (a file or an http(s) URL); a registry image is pinned by its digest (NAME@sha256:…)".into(),
+        })
     }
 
     fn preset(
@@ -295,6 +308,7 @@ impl Images {
             let (_, record) = download::fetch(&store, reference, &self.settings, true)?;
             return self.leased(&store, record, ImageConfig::default(), &held);
         }
+        self.refuse_pin_unless(false, reference)?;
         let name = ImageName::parse(reference)?;
         if self.settings.offline {
             return Err(ImageError::NotStored {
@@ -395,10 +409,12 @@ impl Images {
             path: word.to_string(),
             reason: format!("cannot use it as a root: {e}"),
         })?;
+        let tarball = !metadata.is_dir() && tarball::looks_like_tarball(path);
+        self.refuse_pin_unless(tarball, word)?;
         if metadata.is_dir() {
             return Ok(Found::plain(ResolvedRoot::Directory(path.to_path_buf())));
         }
-        if tarball::looks_like_tarball(path) {
+        if tarball {
             let store = self.store()?;
             let held = store.writing()?;
             let (_, record) = tarball::convert(&store, word, path, &self.settings)?;

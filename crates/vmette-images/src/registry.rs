@@ -25,7 +25,7 @@ const PARALLEL_DOWNLOADS: usize = 3;
 
 /// A server's or library's words for a message: control characters
 /// escaped, at most 200 characters, so that it stays one line.
-fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     let mut out: String = text
         .chars()
         .take(200)

@@ -110,7 +110,9 @@ pub fn pack_when_ready(
         .as_file()
         .sync_all()
         .map_err(ImageError::store("cannot flush a packed root"))?;
-    store.persist(output, &target)?;
+    // A root is never replaced once stored: a VM's lease is on the file
+    // there, and a second packer of the same layers made the same root.
+    store.persist_new(output, &target)?;
     Ok(target)
 }
 

@@ -256,6 +256,23 @@ impl Store {
             })
     }
 
+    /// Moves a finished temporary file to `target` unless a file is there
+    /// already, which is then kept (and this one dropped).
+    pub fn persist_new(
+        &self,
+        file: tempfile::NamedTempFile,
+        target: &Path,
+    ) -> Result<(), ImageError> {
+        match file.persist_noclobber(target) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(ImageError::Store {
+                context: format!("cannot store {}", target.display()),
+                source: e.error,
+            }),
+        }
+    }
+
     /// Removes what writers that are gone left in `tmp/`. The caller holds
     /// the store's lock exclusively.
     fn sweep(&self) -> Vec<Removed> {
@@ -265,17 +282,20 @@ impl Store {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            let lock = if is_dir {
-                path.join("lock")
-            } else {
-                path.clone()
+            // Nothing here is followed or opened but a writer's own kind
+            // of entry: a FIFO would block the open, a symlink lead out.
+            let Ok(kind) = fs::symlink_metadata(&path).map(|m| m.file_type()) else {
+                continue;
             };
-            // A build directory without its lock file is one whose writer
-            // died before making it.
-            let abandoned = match File::open(&lock) {
-                Ok(file) => file.try_lock().is_ok(),
-                Err(_) => is_dir,
+            let is_dir = kind.is_dir();
+            let abandoned = if is_dir {
+                // A build directory without its lock file is one whose
+                // writer died before making it.
+                open_regular(&path.join("lock"), false).is_none_or(|f| f.try_lock().is_ok())
+            } else if kind.is_file() {
+                open_regular(&path, false).is_some_and(|f| f.try_lock().is_ok())
+            } else {
+                true
             };
             if !abandoned {
                 continue;
@@ -300,8 +320,10 @@ impl Store {
 
     /// A lease on the root at `path` for a VM that will read it.
     pub fn lease(&self, path: &Path) -> Result<RootLease, ImageError> {
-        let file = File::open(path)
-            .map_err(ImageError::store(format!("cannot open {}", path.display())))?;
+        let file = open_regular(path, false).ok_or_else(|| ImageError::Store {
+            context: format!("cannot open {}", path.display()),
+            source: std::io::Error::other("it is not a regular file"),
+        })?;
         file.lock_shared()
             .map_err(ImageError::store(format!("cannot lock {}", path.display())))?;
         Ok(RootLease { _file: file })
@@ -312,14 +334,24 @@ impl Store {
         self.root.join("refs").join(format!("{hash}.json"))
     }
 
+    /// The record in `path`, if it is one whose names are all a store's
+    /// own (a root key and digests of hex), so that a tampered ref cannot
+    /// lead a removal out of the store.
     fn read_record(path: &Path) -> Option<ImageRecord> {
         let mut text = Vec::new();
-        File::open(path)
-            .ok()?
+        open_regular(path, false)?
             .take(RECORD_LIMIT)
             .read_to_end(&mut text)
             .ok()?;
-        serde_json::from_slice(&text).ok()
+        let record: ImageRecord = serde_json::from_slice(&text).ok()?;
+        let sound = is_hex64(&record.root)
+            && record
+                .layers
+                .iter()
+                .chain(&record.config)
+                .chain([&record.digest])
+                .all(|d| d.strip_prefix("sha256:").is_some_and(is_hex64));
+        sound.then_some(record)
     }
 
     /// The image stored under `name`, if it and its root are all there.
@@ -352,9 +384,8 @@ impl Store {
 
     /// Notes that the image `name` was used now.
     pub fn touch(&self, name: &str) {
-        let used = fs::OpenOptions::new()
-            .write(true)
-            .open(self.ref_path(name))
+        let used = open_regular(&self.ref_path(name), true)
+            .ok_or_else(|| std::io::Error::other("not a regular file"))
             .and_then(|file| file.set_modified(SystemTime::now()));
         if let Err(e) = used {
             tracing::debug!("cannot note the use of {name}: {e}");
@@ -523,11 +554,26 @@ impl Store {
 
     /// Whether a VM holds a lease on the root at `path`.
     fn in_use(&self, path: &Path) -> bool {
-        match File::open(path) {
-            Ok(file) => matches!(file.try_lock(), Err(TryLockError::WouldBlock)),
-            Err(_) => false,
-        }
+        open_regular(path, false)
+            .is_some_and(|file| matches!(file.try_lock(), Err(TryLockError::WouldBlock)))
     }
+}
+
+/// `path` opened if it is a regular file: symlinks are not followed and a
+/// FIFO does not block the open.
+fn open_regular(path: &Path, write: bool) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
+}
+
+fn is_hex64(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn list_names(dir: &Path) -> Vec<String> {
@@ -548,4 +594,73 @@ pub fn root_key(layers: &[String]) -> String {
         hash.update(b"\n");
     }
     hex::encode(hash.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("a cache");
+        let store = Store::open(&vmette_core::assets::Cache::at(dir.path())).expect("a store");
+        (dir, store)
+    }
+
+    #[test]
+    fn the_sweep_takes_only_what_no_writer_holds_and_follows_nothing() {
+        let (dir, store) = store();
+        let tmp = store.path().join("tmp");
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"keep me").expect("an outside file");
+        std::os::unix::fs::symlink(&outside, tmp.join(".part-link")).expect("a symlink");
+        let fifo = std::ffi::CString::new(tmp.join(".part-fifo").to_str().expect("utf-8"))
+            .expect("a path");
+        // SAFETY: mkfifo reads a NUL-terminated path and touches nothing else.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        fs::write(tmp.join(".part-dead"), b"half").expect("a dead writer's file");
+        fs::create_dir(tmp.join(".build-dead")).expect("a dead build");
+        let live = store.temp_file().expect("a live temp file");
+        let building = store.work_dir().expect("a live build");
+
+        let removal = store.prune(false, &|| {}).expect("prune");
+        let temps = removal.freed.iter().filter(|r| r.kind == "temp").count();
+        assert_eq!(temps, 4, "{removal:?}");
+        assert_eq!(fs::read(&outside).expect("outside"), b"keep me");
+        assert!(live.path().exists() && building.path().exists());
+        drop((live, building));
+        assert!(entries(&tmp).is_empty(), "{:?}", entries(&tmp));
+    }
+
+    fn entries(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .expect("a directory")
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    }
+
+    #[test]
+    fn a_record_naming_anything_but_store_keys_is_not_read() {
+        let (_dir, store) = store();
+        let record = |root: &str, layer: &str| ImageRecord {
+            name: "x".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            config: None,
+            layers: vec![layer.to_string()],
+            root: root.to_string(),
+            fingerprint: None,
+            stored: 0,
+        };
+        let good = record(&"b".repeat(64), &format!("sha256:{}", "c".repeat(64)));
+        store.record(&good).expect("record");
+        assert_eq!(store.records().len(), 1);
+        for bad in [
+            record("../../etc/passwd", &good.layers[0]),
+            record(&good.root, "sha256:../../../../etc/passwd"),
+            record(&"B".repeat(64), &good.layers[0]),
+        ] {
+            store.record(&bad).expect("record");
+            assert!(store.records().is_empty(), "{bad:?} was read");
+        }
+    }
 }

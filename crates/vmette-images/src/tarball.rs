@@ -39,8 +39,10 @@ pub fn convert(
         metadata.ctime(),
         metadata.ctime_nsec()
     );
+    let expected = crate::download::expected_digest(settings).map_err(file_error)?;
+    let pinned = |digest: &str| expected.as_deref().is_none_or(|e| e == digest);
     if let Some(record) = store.lookup(&name) {
-        if record.fingerprint.as_deref() == Some(fingerprint.as_str()) {
+        if record.fingerprint.as_deref() == Some(fingerprint.as_str()) && pinned(&record.digest) {
             return Ok((store.root_path(&record.root), record));
         }
     }
@@ -48,6 +50,9 @@ pub fn convert(
     // file may change under us, and the root must be what the digest says.
     let (digest, copy) = copy_hashed(store, &canonical, settings.tarball_limit)
         .map_err(|e| file_error(format!("cannot read it: {e}")))?;
+    if let Some(expected) = expected.as_deref().filter(|e| *e != digest) {
+        return Err(file_error(crate::download::mismatch(&digest, expected)));
+    }
     let blob = store.blob_path(&digest);
     if !blob.is_file() {
         store.persist(copy, &blob)?;

@@ -104,7 +104,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(format!("{level},oci_client=error"))
+                tracing_subscriber::EnvFilter::new(format!(
+                    "{level},oci_client=error,rustls_platform_verifier=off"
+                ))
             }),
         )
         .with_writer(std::io::stderr)
