@@ -5,15 +5,12 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
-use vmette::images::{Images, Listed, Removal, Settings};
+use vmette::images::{Images, Listed, Removal};
 
 use crate::args::{ImagePruneArgs, InspectArgs, RmiArgs};
 
 fn images() -> anyhow::Result<Images> {
-    Ok(Images::new(
-        vmette::assets::Cache::locate()?,
-        Settings::default(),
-    ))
+    Ok(Images::locate()?)
 }
 
 fn mib(bytes: u64) -> String {

@@ -55,6 +55,18 @@ fn noise(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Builds `tag`: a busybox image (`PATH=/bin`) with `/noise`, `len` bytes
+/// no compressor shrinks.
+fn build_noisy(layout: &Layout, tag: &str, len: usize) {
+    let noise = noise(len);
+    layout.build(
+        tag,
+        |root| std::fs::write(root.join("noise"), &noise).expect("noise"),
+        &[],
+        &["--config.env=PATH=/bin"],
+    );
+}
+
 fn assert_no_temp_files(images: &Images) {
     let left = entries(&images.store.join("tmp"));
     assert!(left.is_empty(), "temp files left in the store: {left:?}");
@@ -155,15 +167,8 @@ impl TwoImages {
     fn push() -> TwoImages {
         let registry = Registry::start(false);
         let layout = Layout::new();
-        // A base layer big enough to see on disk: 8 MiB no compressor can
-        // shrink.
-        let noise = noise(8 << 20);
-        layout.build(
-            "base",
-            |root| std::fs::write(root.join("noise"), &noise).expect("noise"),
-            &[],
-            &["--config.env=PATH=/bin"],
-        );
+        // A base layer big enough to see on disk.
+        build_noisy(&layout, "base", 8 << 20);
         layout.derive("base", "derived", &tar_layer(&[("etc/derived", b"yes\n")]));
         let base = layout.push("base", &registry.host(), "shared", false, false);
         let derived = layout.push("derived", &registry.host(), "shared", false, false);
@@ -334,14 +339,8 @@ fn concurrent_and_killed_pulls_leave_one_whole_copy_and_no_temp_files() {
     let images = Images::new();
     let registry = Registry::start(false);
     let layout = Layout::new();
-    // 48 MiB no compressor shrinks, so a pull takes long enough to kill.
-    let noise = noise(48 << 20);
-    layout.build(
-        "big",
-        |root| std::fs::write(root.join("noise"), &noise).expect("noise"),
-        &[],
-        &["--config.env=PATH=/bin"],
-    );
+    // 48 MiB, so a pull takes long enough to kill.
+    build_noisy(&layout, "big", 48 << 20);
     let reference = layout.push("big", &registry.host(), "big", false, false);
 
     // Killed half-way: the layer is partly in a temp file.

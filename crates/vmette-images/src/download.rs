@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::registry::{quoted, MIN_RATE, RATE_GRACE, STALL_TIMEOUT};
-use crate::store::{root_key, ImageRecord, Store};
-use crate::{squash, tarball, ImageError, Settings};
+use crate::store::{ImageRecord, Store};
+use crate::{tarball, ImageError, Settings};
 
 /// Longest wait for a server's answer to begin.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
@@ -29,6 +29,7 @@ pub fn fetch(
     url: &str,
     settings: &Settings,
     again: bool,
+    steps: &dyn vmette_core::assets::Progress,
 ) -> Result<(PathBuf, ImageRecord), ImageError> {
     let parsed = reqwest::Url::parse(url).ok();
     // Messages name the URL without credentials, and with control
@@ -81,6 +82,7 @@ pub fn fetch(
             reference: url.to_string(),
         });
     }
+    steps.step(&format!("downloading {shown}"));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -101,23 +103,7 @@ pub fn fetch(
             "it is not a tarball (tar, tar.gz or tar.zst)".into(),
         ));
     }
-    let blob = store.blob_path(&digest);
-    if !blob.is_file() {
-        store.persist(file, &blob)?;
-    }
-    let key = root_key(std::slice::from_ref(&digest));
-    let root = squash::pack(store, &key, &[blob], settings.limits, url)?;
-    let record = ImageRecord {
-        name: url.to_string(),
-        digest: digest.clone(),
-        config: None,
-        layers: vec![digest],
-        root: key,
-        fingerprint: None,
-        stored: 0,
-    };
-    store.record(&record)?;
-    Ok((root, record))
+    tarball::store_and_pack(store, url.to_string(), &digest, file, None, settings, url)
 }
 
 /// The refusal of a tarball whose `digest` is not the `expected` one.
@@ -139,15 +125,9 @@ pub(crate) fn expected_digest(settings: &Settings) -> Result<Option<String>, Str
 }
 
 fn is_loopback(url: &reqwest::Url) -> bool {
-    match url.host_str() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
+    url.host_str().is_some_and(|host| {
+        crate::reference::is_loopback_host(host.trim_start_matches('[').trim_end_matches(']'))
+    })
 }
 
 /// Where a download may be redirected: never from HTTPS to plain HTTP,

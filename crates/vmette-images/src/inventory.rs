@@ -220,7 +220,8 @@ impl Images {
             return Ok(None);
         };
         let config_file = config_file(&store, &record);
-        let origin = if let Some(preset) = name.strip_prefix("preset:").and_then(preset::named) {
+        let stored_preset = name.strip_prefix("preset:").and_then(preset::named);
+        let origin = if let Some(preset) = stored_preset {
             preset_origin(preset)
         } else if let Some(path) = name.strip_prefix("file://") {
             Origin::Tarball { path: path.into() }
@@ -233,10 +234,7 @@ impl Images {
                 repository: parsed.repository().to_string(),
             }
         };
-        let config = match (
-            &config_file,
-            name.strip_prefix("preset:").and_then(preset::named),
-        ) {
+        let config = match (&config_file, stored_preset) {
             (Some(file), _) => file.image_config(),
             (None, Some(preset)) => preset.image_config(),
             (None, None) => ImageConfig::default(),

@@ -188,17 +188,10 @@ impl Images {
         if let Some(path) = as_path(word) {
             return self.resolve_path(word, &path);
         }
-        self.refuse_pin_unless(download::is_url(word), word)?;
         if download::is_url(word) {
-            let store = self.store()?;
-            let held = store.writing()?;
-            if store.lookup(word).is_none() {
-                steps.step(&format!("downloading {word}"));
-            }
-            let (_, record) = download::fetch(&store, word, &self.settings, false)?;
-            steps.finish();
-            return self.leased(&store, record, ImageConfig::default(), &held);
+            return self.downloaded(word, false, steps);
         }
+        self.refuse_pin(word)?;
         if let Some(preset) = preset::named(word) {
             if preset.is_default() {
                 return Ok(Found::plain(ResolvedRoot::Default));
@@ -236,10 +229,24 @@ impl Images {
         Ok(found.record)
     }
 
-    /// `--sha256` pins a tarball; for anything else it would be a check
-    /// silently not made.
-    fn refuse_pin_unless(&self, tarball: bool, word: &str) -> Result<(), ImageError> {
-        if tarball || self.settings.expected_sha256.is_none() {
+    /// The tarball at `url`, downloaded unless stored (or `again`).
+    fn downloaded(
+        &self,
+        url: &str,
+        again: bool,
+        steps: &dyn vmette_core::assets::Progress,
+    ) -> Result<Found, ImageError> {
+        let store = self.store()?;
+        let held = store.writing()?;
+        let (_, record) = download::fetch(&store, url, &self.settings, again, steps)?;
+        steps.finish();
+        self.leased(&store, record, ImageConfig::default(), &held)
+    }
+
+    /// Refuses `--sha256` for `word`, which is not a tarball: it pins only
+    /// tarballs, and anywhere else would be a check silently not made.
+    fn refuse_pin(&self, word: &str) -> Result<(), ImageError> {
+        if self.settings.expected_sha256.is_none() {
             return Ok(());
         }
         Err(ImageError::Refused {
@@ -303,12 +310,9 @@ impl Images {
     /// A URL is downloaded again.
     pub fn pull(&self, reference: &str) -> Result<Found, ImageError> {
         if download::is_url(reference) {
-            let store = self.store()?;
-            let held = store.writing()?;
-            let (_, record) = download::fetch(&store, reference, &self.settings, true)?;
-            return self.leased(&store, record, ImageConfig::default(), &held);
+            return self.downloaded(reference, true, &vmette_core::assets::Silent);
         }
-        self.refuse_pin_unless(false, reference)?;
+        self.refuse_pin(reference)?;
         let name = ImageName::parse(reference)?;
         if self.settings.offline {
             return Err(ImageError::NotStored {
@@ -356,7 +360,7 @@ impl Images {
             (pulled, packed)
         });
         let pulled = pulled?;
-        let (root, key, layers) = match packed {
+        let (_, key, layers) = match packed {
             Some(packed) => packed?,
             None => {
                 return Err(ImageError::Pack {
@@ -374,7 +378,6 @@ impl Images {
             fingerprint: None,
             stored: 0,
         };
-        debug_assert_eq!(root, store.root_path(&record.root));
         store.record(&record)?;
         self.leased(store, record, pulled.config.image_config(), &held)
     }
@@ -410,7 +413,9 @@ impl Images {
             reason: format!("cannot use it as a root: {e}"),
         })?;
         let tarball = !metadata.is_dir() && tarball::looks_like_tarball(path);
-        self.refuse_pin_unless(tarball, word)?;
+        if !tarball {
+            self.refuse_pin(word)?;
+        }
         if metadata.is_dir() {
             return Ok(Found::plain(ResolvedRoot::Directory(path.to_path_buf())));
         }

@@ -56,16 +56,21 @@ impl ImageName {
 
     /// Whether the registry is on this machine, where plain HTTP is allowed.
     pub fn is_loopback(&self) -> bool {
-        let host = host_of(self.registry());
-        host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        is_loopback_host(host_of(self.registry()))
     }
 
     pub(crate) fn reference(&self) -> &Reference {
         &self.reference
     }
+}
+
+/// Whether `host` (a name, or an address without brackets) is this
+/// machine: `localhost` or a loopback address.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The host part of `host[:port]`, brackets of an IPv6 literal removed.

@@ -53,19 +53,41 @@ pub fn convert(
     if let Some(expected) = expected.as_deref().filter(|e| *e != digest) {
         return Err(file_error(crate::download::mismatch(&digest, expected)));
     }
-    let blob = store.blob_path(&digest);
+    store_and_pack(
+        store,
+        name,
+        &digest,
+        copy,
+        Some(fingerprint),
+        settings,
+        word,
+    )
+}
+
+/// Stores the tarball `file` (of `digest`) as a blob, packs its root and
+/// records it under `name`: the one path of local and downloaded tarballs.
+pub fn store_and_pack(
+    store: &Store,
+    name: String,
+    digest: &str,
+    file: tempfile::NamedTempFile,
+    fingerprint: Option<String>,
+    settings: &Settings,
+    word: &str,
+) -> Result<(PathBuf, ImageRecord), ImageError> {
+    let blob = store.blob_path(digest);
     if !blob.is_file() {
-        store.persist(copy, &blob)?;
+        store.persist(file, &blob)?;
     }
-    let key = crate::store::root_key(std::slice::from_ref(&digest));
+    let key = crate::store::root_key(&[digest.to_string()]);
     let root = squash::pack(store, &key, &[blob], settings.limits, word)?;
     let record = ImageRecord {
         name,
-        digest: digest.clone(),
+        digest: digest.to_string(),
         config: None,
-        layers: vec![digest],
+        layers: vec![digest.to_string()],
         root: key,
-        fingerprint: Some(fingerprint),
+        fingerprint,
         stored: 0,
     };
     store.record(&record)?;

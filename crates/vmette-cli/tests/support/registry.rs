@@ -171,18 +171,7 @@ impl Layout {
         repack.extend(["--image", &image, &bundle_arg]);
         run("umoci", &repack);
         for (n, layer) in layers.iter().enumerate() {
-            let path = self.dir.path().join(format!("{tag}-layer{n}.tar"));
-            std::fs::write(&path, layer).expect("write a raw layer");
-            run(
-                "umoci",
-                &[
-                    "raw",
-                    "add-layer",
-                    "--image",
-                    &image,
-                    &path.display().to_string(),
-                ],
-            );
+            self.add_layer(&image, &format!("{tag}-layer{n}.tar"), layer, &[]);
         }
         let mut args = vec!["config", "--image", &image];
         args.extend(config);
@@ -192,20 +181,20 @@ impl Layout {
     /// Adds `tag`: the image `from` with `layer` on top, sharing every
     /// layer of `from`.
     pub fn derive(&self, from: &str, tag: &str, layer: &[u8]) {
-        let path = self.dir.path().join(format!("{tag}-derived.tar"));
+        let file = format!("{tag}-derived.tar");
+        self.add_layer(&self.image(from), &file, layer, &["--tag", tag]);
+    }
+
+    /// `umoci raw add-layer` of `layer`, written to `file` first, onto
+    /// `image`, with `options` (a `--tag` to write a new image).
+    fn add_layer(&self, image: &str, file: &str, layer: &[u8], options: &[&str]) {
+        let path = self.dir.path().join(file);
         std::fs::write(&path, layer).expect("write a raw layer");
-        run(
-            "umoci",
-            &[
-                "raw",
-                "add-layer",
-                "--image",
-                &self.image(from),
-                "--tag",
-                tag,
-                &path.display().to_string(),
-            ],
-        );
+        let path = path.display().to_string();
+        let mut args = vec!["raw", "add-layer", "--image", image];
+        args.extend(options);
+        args.push(&path);
+        run("umoci", &args);
     }
 
     /// Pushes `tag` to `registry` as `test/NAME:TAG`, in Docker's v2s2
