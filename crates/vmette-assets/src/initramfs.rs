@@ -31,8 +31,12 @@ pub const GUEST_MODULES: &[&str] = &[
     "overlay",
 ];
 
+/// The network device's driver, loaded only by guests that have a network
+/// (`vmette/modules.net`), dependencies left out.
+pub const NETWORK_MODULES: &[&str] = &["virtio_net"];
+
 /// Bump when the archive's layout changes, to invalidate cached archives.
-const LAYOUT_VERSION: &str = "vmette-initramfs-1";
+const LAYOUT_VERSION: &str = "vmette-initramfs-2";
 
 /// Everything that goes into an initramfs.
 struct Inputs<'a> {
@@ -78,9 +82,18 @@ impl<'a> Inputs<'a> {
 
     /// The archive's bytes.
     fn archive(&self) -> Result<Vec<u8>, AssetError> {
-        let modules = match self.kernel.modules.as_deref() {
-            Some(tree) => resolve_load_order(tree, &self.wanted)?,
-            None => Vec::new(),
+        let (modules, network) = match self.kernel.modules.as_deref() {
+            Some(tree) => {
+                let always = resolve_load_order(tree, &self.wanted)?;
+                let wanted: Vec<&str> =
+                    self.wanted.iter().chain(NETWORK_MODULES).copied().collect();
+                let network: Vec<_> = resolve_load_order(tree, &wanted)?
+                    .into_iter()
+                    .filter(|(name, _)| !always.iter().any(|(loaded, _)| loaded == name))
+                    .collect();
+                (always, network)
+            }
+            None => (Vec::new(), Vec::new()),
         };
         let mut archive = Archive::default();
         for dir in ["dev", "proc", "sys", "lib", "lib/modules", "vmette", "tmp"] {
@@ -88,14 +101,19 @@ impl<'a> Inputs<'a> {
         }
         archive.char_device("dev/console", 5, 1);
         archive.file("init", 0o755, &self.agent);
-        let mut order = String::new();
-        for (name, file) in &modules {
-            let bytes = fs::read(file)
-                .map_err(AssetError::io(format!("cannot read {}", file.display())))?;
-            archive.file(&format!("lib/modules/{name}.ko"), 0o644, &bytes);
-            order.push_str(&format!("{name}.ko\n"));
+        for (list, modules) in [
+            ("vmette/modules", &modules),
+            ("vmette/modules.net", &network),
+        ] {
+            let mut order = String::new();
+            for (name, file) in modules {
+                let bytes = fs::read(file)
+                    .map_err(AssetError::io(format!("cannot read {}", file.display())))?;
+                archive.file(&format!("lib/modules/{name}.ko"), 0o644, &bytes);
+                order.push_str(&format!("{name}.ko\n"));
+            }
+            archive.file(list, 0o644, order.as_bytes());
         }
-        archive.file("vmette/modules", 0o644, order.as_bytes());
         Ok(archive.finish())
     }
 }

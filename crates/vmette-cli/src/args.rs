@@ -111,7 +111,7 @@ pub enum Command {
     /// Start a sandbox that stays up, served by the vmetted daemon
     /// (started on demand); prints its id.
     #[command(after_help = CREATE_EXAMPLES)]
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Run a command in a sandbox made by `vmette create`.
     #[command(after_help = EXEC_EXAMPLES)]
     Exec(ExecArgs),
@@ -240,6 +240,8 @@ pub struct RunArgs {
     pub image: Option<String>,
     #[command(flatten)]
     pub images: ImageArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
     /// Replace the image's entrypoint; the image's Cmd is then dropped.
     #[arg(long, value_name = "COMMAND")]
     pub entrypoint: Option<String>,
@@ -304,6 +306,32 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// The guest's network: none unless asked.
+#[derive(Debug, Args)]
+pub struct NetworkArgs {
+    /// Give the guest outbound network access (NAT), except to loopback,
+    /// private, link-local and metadata addresses.
+    #[arg(long)]
+    pub net: bool,
+    /// Publish a guest TCP port on the host (127.0.0.1 unless HOST_IP is
+    /// given; HOST_PORT 0 picks a free one). Without --net the guest still
+    /// reaches nothing. Repeatable.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
+    /// Let the guest reach this port of the host's loopback, at its
+    /// gateway's address (10.0.2.2). Repeatable.
+    #[arg(long, value_name = "PORT")]
+    pub allow_host_port: Vec<String>,
+    /// Resolve the guest's DNS queries with this server instead of the
+    /// host's resolver configuration.
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub dns: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The image, as for `vmette run`; the default image when absent.
@@ -311,6 +339,8 @@ pub struct CreateArgs {
     pub image: Option<String>,
     #[command(flatten)]
     pub images: ImageArgs,
+    #[command(flatten)]
+    pub network: NetworkArgs,
     /// A unique name to use instead of the id.
     #[arg(long)]
     pub name: Option<String>,

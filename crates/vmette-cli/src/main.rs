@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             run::run(*args, cli.quiet, cli.verbose)
         }
         args::Command::Pull(args) => pull::pull(args, cli.quiet),
-        args::Command::Create(args) => verbs::create(args),
+        args::Command::Create(args) => verbs::create(*args),
         args::Command::Exec(args) => verbs::exec(args),
         args::Command::Cp(args) => verbs::cp(args),
         args::Command::Ps(args) => verbs::ps(args.json),

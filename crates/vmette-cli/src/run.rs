@@ -8,11 +8,11 @@ use std::sync::mpsc;
 use anyhow::{bail, Context};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use vmette::{Accel, Config, OutputStream, Rootfs, RunStatus, Runner, Stdin};
+use vmette::{Accel, Config, Nat, Network, OutputStream, Rootfs, RunStatus, Runner, Stdin};
 
 use vmette::images::{Images, Settings};
 
-use crate::args::{AccelArg, ImageArgs, RunArgs};
+use crate::args::{AccelArg, ImageArgs, NetworkArgs, RunArgs};
 use crate::progress::{PullBars, Spinner};
 use crate::{terminal, values};
 
@@ -47,7 +47,15 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
         .context("cannot start the signal thread")?;
 
     let engine = vmette::default_engine()?;
-    let mut runner = Runner::new(&*engine).interrupts(interrupts);
+    let asked = config
+        .nat()
+        .map(|nat| nat.publish.clone())
+        .unwrap_or_default();
+    let report = |published: &[vmette::PublishedPort]| report_published(&asked, published);
+    let mut runner = Runner::new(&*engine)
+        .network(vmette::default_network())
+        .on_published(&report)
+        .interrupts(interrupts);
     // Raw mode from here to the end of the run, restored on every way out
     // of this function (errors included) before anything is printed.
     let raw = if tty {
@@ -115,6 +123,43 @@ fn parse_each<T>(
         .map_err(anyhow::Error::msg)
 }
 
+/// The network the flags ask for: none without `--net`, `-p` or
+/// `--allow-host-port`.
+pub fn network_from(args: &NetworkArgs) -> anyhow::Result<Network> {
+    let publish = parse_each(&args.publish, values::publish)?;
+    let host_ports = parse_each(&args.allow_host_port, values::host_port)?;
+    let dns = args
+        .dns
+        .as_deref()
+        .map(values::dns_server)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if !args.net && publish.is_empty() && host_ports.is_empty() {
+        if dns.is_some() {
+            bail!("--dns needs a network; add --net");
+        }
+        return Ok(Network::None);
+    }
+    Ok(Network::Nat(Nat {
+        outbound: args.net,
+        host_ports,
+        publish,
+        dns,
+    }))
+}
+
+/// Tells the user the host ports they asked vmette to pick.
+pub fn report_published(asked: &[vmette::PortMapping], published: &[vmette::PublishedPort]) {
+    for (mapping, port) in asked.iter().zip(published) {
+        if mapping.host_port == 0 {
+            eprintln!(
+                "vmette: guest port {} is published on {}",
+                port.guest_port, port.host
+            );
+        }
+    }
+}
+
 /// The image provider the CLI's runs resolve with.
 pub fn images(args: &ImageArgs, quiet: bool) -> anyhow::Result<Images> {
     let limit = values::size_mib("--image-limit", &args.image_limit)
@@ -153,6 +198,7 @@ fn config_from(args: RunArgs) -> anyhow::Result<Config> {
     config.env = parse_each(&args.env, values::env_pair)?;
     config.shares = parse_each(&args.share, values::share)?;
     config.disks = parse_each(&args.disk, values::disk)?;
+    config.network = network_from(&args.network)?;
     config.workdir = args.workdir;
     config.timeout = args
         .timeout

@@ -1,10 +1,12 @@
-//! Parsers for flag values: sizes, durations, `KEY=VALUE`, shares, disks.
+//! Parsers for flag values: sizes, durations, `KEY=VALUE`, shares, disks,
+//! published ports and network addresses.
 //! Each error is one sentence naming the flag and what it expects.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vmette::{Disk, Share};
+use vmette::{Disk, PortMapping, Share};
 
 /// A size in MiB: `512` (MiB), `512M`, `2G`, `1GiB`.
 pub fn size_mib(flag: &str, text: &str) -> Result<u64, String> {
@@ -102,9 +104,94 @@ pub fn disk(text: &str) -> Result<Disk, String> {
     })
 }
 
+/// `[HOST_IP:]HOST_PORT:GUEST_PORT`, the host IP 127.0.0.1 unless given
+/// (an IPv6 one in brackets); a host port of 0 picks a free one.
+pub fn publish(text: &str) -> Result<PortMapping, String> {
+    let bad = |why: String| {
+        format!("-p {text}: {why}; expected [HOST_IP:]HOST_PORT:GUEST_PORT, e.g. -p 8000:80")
+    };
+    let (rest, guest) = text
+        .rsplit_once(':')
+        .ok_or_else(|| bad("no guest port".into()))?;
+    let (host_ip, host_port) = match rest.rsplit_once(':') {
+        Some((ip, port)) => {
+            let ip = ip
+                .strip_prefix('[')
+                .and_then(|i| i.strip_suffix(']'))
+                .unwrap_or(ip);
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| bad(format!("{ip:?} is not an IP address")))?;
+            (ip, port)
+        }
+        None => (IpAddr::V4(Ipv4Addr::LOCALHOST), rest),
+    };
+    let host_port = port_number(host_port).map_err(&bad)?;
+    let guest_port = port_number(guest).map_err(&bad)?;
+    if guest_port == 0 {
+        return Err(bad("the guest port must be 1 to 65535".into()));
+    }
+    Ok(PortMapping {
+        host_ip,
+        host_port,
+        guest_port,
+    })
+}
+
+fn port_number(text: &str) -> Result<u16, String> {
+    text.parse::<u16>()
+        .map_err(|_| format!("{text:?} is not a port (0 to 65535)"))
+}
+
+/// A port of the host's loopback for `--allow-host-port`: 1 to 65535.
+pub fn host_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!(
+            "--allow-host-port expects a port of 1 to 65535, not {text:?}"
+        )),
+    }
+}
+
+/// `IP` or `IP:PORT` (an IPv6 one as `[IP]:PORT`) of a DNS server; port 53
+/// unless given.
+pub fn dns_server(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    text.parse::<SocketAddr>()
+        .map_err(|_| format!("--dns expects IP or IP:PORT of a DNS server, not {text:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_ports() {
+        assert_eq!(publish("8000:80"), Ok(PortMapping::loopback(8000, 80)));
+        assert_eq!(publish("0:80"), Ok(PortMapping::loopback(0, 80)));
+        let any = publish("0.0.0.0:8080:8080").expect("parse");
+        assert!(any.host_ip.is_unspecified());
+        let v6 = publish("[::1]:8080:80").expect("parse");
+        assert_eq!(v6.host_ip, IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+        for bad in [
+            "80", "70000:80", "8000:0", "8000:-1", "x:1:2", ":80", "8000:",
+        ] {
+            assert!(publish(bad).is_err(), "{bad}");
+        }
+        assert!(host_port("0").is_err() && host_port("65536").is_err() && host_port("x").is_err());
+        assert_eq!(host_port("8080"), Ok(8080));
+        assert_eq!(
+            dns_server("198.18.0.53"),
+            Ok("198.18.0.53:53".parse().expect("addr"))
+        );
+        assert_eq!(
+            dns_server("127.0.0.1:5353"),
+            Ok("127.0.0.1:5353".parse().expect("addr"))
+        );
+        assert!(dns_server("dns.example").is_err());
+    }
 
     #[test]
     fn sizes() {

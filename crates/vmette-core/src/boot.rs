@@ -10,6 +10,7 @@ use vmette_assets::{guest_agent, image, initramfs, kernel, Cache, Progress};
 use vmette_proto::{BootEnvelope, OverlayUpper, RootSource, ShareMount};
 
 use crate::engine::{DiskSpec, ShareSpec, VmSpec};
+use crate::network::NetworkAttachment;
 use crate::{Config, Error, Rootfs};
 
 const ROOT_SERIAL: &str = "vmette-root";
@@ -58,8 +59,9 @@ pub fn prepare(
     })
 }
 
-/// Builds the machine spec and the boot envelope for a validated config.
-/// Creates the scratch disk in `run_dir` when the config asks for one.
+/// Builds the machine spec and the boot envelope for a validated config,
+/// with the network device of `network` when the guest has one. Creates
+/// the scratch disk in `run_dir` when the config asks for one.
 ///
 /// Refuses a writable share or root directory that contains the kernel,
 /// the initramfs or a read-only image: a guest must not be able to change
@@ -67,6 +69,7 @@ pub fn prepare(
 pub fn layout(
     config: &Config,
     files: &BootFiles,
+    network: Option<&dyn NetworkAttachment>,
     run_dir: &Path,
 ) -> Result<(VmSpec, BootEnvelope), Error> {
     let mut disks = Vec::new();
@@ -170,6 +173,7 @@ pub fn layout(
         memory_mib: config.memory_mib,
         disks,
         shares,
+        nic: network.map(|n| n.nic()),
         accel: config.accel,
         run_dir: run_dir.to_path_buf(),
     };
@@ -179,6 +183,7 @@ pub fn layout(
         shares: mounts,
         disks: disk_serials,
         hostname: "vmette".into(),
+        network: network.map(|n| n.guest()),
     };
     Ok((spec, envelope))
 }
@@ -297,13 +302,13 @@ mod tests {
             guest_path: "/data".into(),
             writable: true,
         }];
-        let error = layout(&config, &files, dir.path()).expect_err("refused");
+        let error = layout(&config, &files, None, dir.path()).expect_err("refused");
         assert!(
             matches!(error, Error::InvalidConfig { field: "share", .. }),
             "{error:?}"
         );
         config.shares[0].writable = false;
-        assert!(layout(&config, &files, dir.path()).is_ok());
+        assert!(layout(&config, &files, None, dir.path()).is_ok());
     }
 
     #[test]
@@ -344,7 +349,7 @@ mod tests {
             initramfs: "i".into(),
             default_image: None,
         };
-        let (spec, envelope) = layout(&config, &files, dir.path()).expect("layout");
+        let (spec, envelope) = layout(&config, &files, None, dir.path()).expect("layout");
         assert_eq!(spec.disks[0].serial, "vmette-root");
         assert!(spec.disks[0].read_only);
         assert_eq!(spec.disks[1].serial, "vmette-disk0");

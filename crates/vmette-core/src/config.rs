@@ -130,6 +130,8 @@ pub struct Config {
     pub shares: Vec<Share>,
     /// Extra block devices.
     pub disks: Vec<Disk>,
+    /// The guest's network; none by default.
+    pub network: crate::Network,
     /// Size of an ephemeral ext4 disk holding the root's writable layer,
     /// in MiB; `None` keeps the layer in guest memory.
     pub scratch_mib: Option<u64>,
@@ -179,6 +181,7 @@ impl Config {
             rootfs: Rootfs::Default,
             shares: Vec::new(),
             disks: Vec::new(),
+            network: crate::Network::None,
             scratch_mib: None,
             timeout: None,
             idle_timeout: None,
@@ -324,8 +327,54 @@ impl Config {
         if self.capture_limit == 0 {
             return invalid("capture limit", "must be at least one byte");
         }
+        if let Some(nat) = self.nat() {
+            validate_nat(nat)?;
+        }
         Ok(())
     }
+}
+
+/// Most ports one network publishes or opens on the host's loopback.
+pub const MAX_PORTS: usize = 64;
+
+fn validate_nat(nat: &crate::Nat) -> Result<(), Error> {
+    if nat.publish.len() > MAX_PORTS {
+        return invalid(
+            "publish",
+            format!("at most {MAX_PORTS} ports can be published"),
+        );
+    }
+    for (index, mapping) in nat.publish.iter().enumerate() {
+        if mapping.guest_port == 0 {
+            return invalid(
+                "publish",
+                format!("{mapping}: the guest port must be 1 to 65535"),
+            );
+        }
+        let clash = nat.publish[..index].iter().any(|earlier| {
+            mapping.host_port != 0
+                && earlier.host_port == mapping.host_port
+                && (earlier.host_ip == mapping.host_ip
+                    || earlier.host_ip.is_unspecified()
+                    || mapping.host_ip.is_unspecified())
+        });
+        if clash {
+            return invalid(
+                "publish",
+                format!("{mapping}: that host port is published twice"),
+            );
+        }
+    }
+    if nat.host_ports.len() > MAX_PORTS {
+        return invalid(
+            "host port",
+            format!("at most {MAX_PORTS} host ports can be opened"),
+        );
+    }
+    if nat.host_ports.contains(&0) {
+        return invalid("host port", "must be 1 to 65535");
+    }
+    Ok(())
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> Result<(), Error> {
@@ -415,5 +464,33 @@ mod tests {
         c = Config::new(["true"]);
         c.workdir = Some("relative".into());
         assert_eq!(field_of(&c), "workdir");
+
+        c = Config::new(["true"]);
+        c.network = crate::Network::Nat(crate::Nat {
+            publish: vec![crate::PortMapping::loopback(8000, 0)],
+            ..Default::default()
+        });
+        assert_eq!(field_of(&c), "publish");
+
+        c = Config::new(["true"]);
+        c.network = crate::Network::Nat(crate::Nat {
+            publish: vec![
+                crate::PortMapping::loopback(8000, 80),
+                crate::PortMapping {
+                    host_ip: std::net::Ipv6Addr::UNSPECIFIED.into(),
+                    host_port: 8000,
+                    guest_port: 81,
+                },
+            ],
+            ..Default::default()
+        });
+        assert_eq!(field_of(&c), "publish");
+
+        c = Config::new(["true"]);
+        c.network = crate::Network::Nat(crate::Nat {
+            host_ports: vec![0],
+            ..Default::default()
+        });
+        assert_eq!(field_of(&c), "host port");
     }
 }

@@ -58,6 +58,8 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     /// Directory shares.
     pub shares: Vec<ShareSpec>,
+    /// The network device, when the guest has one.
+    pub nic: Option<crate::network::NicSpec>,
     /// Accelerator preference.
     pub accel: Accel,
     /// A private directory for the engine's sockets and logs; removed after

@@ -24,6 +24,10 @@ pub enum Error {
     /// or fetched; the message names the reference.
     #[error(transparent)]
     Image(Box<dyn std::error::Error + Send + Sync>),
+    /// The network stack could not attach the guest or publish a port;
+    /// the message names the setting.
+    #[error(transparent)]
+    Network(crate::NetworkError),
     /// The kernel, initramfs or root image could not be prepared.
     #[error("cannot prepare the VM's boot files")]
     Assets(#[source] AssetError),
@@ -92,6 +96,7 @@ impl Error {
             Error::InvalidConfig { .. }
             | Error::Assets(_)
             | Error::Image(_)
+            | Error::Network(_)
             | Error::Protocol(_)
             | Error::SessionEnded(_)
             | Error::ExecEnded

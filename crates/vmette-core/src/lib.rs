@@ -22,6 +22,7 @@ pub mod engine;
 mod error;
 mod files;
 mod image;
+pub mod network;
 pub mod process;
 mod run;
 mod session;
@@ -29,14 +30,17 @@ pub mod tree;
 
 pub use config::{
     Accel, Config, Disk, Rootfs, Share, Stdin, DEFAULT_CAPTURE_LIMIT, DEFAULT_MEMORY_MIB,
-    DEFAULT_TRANSFER_LIMIT, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_SCRATCH_MIB,
+    DEFAULT_TRANSFER_LIMIT, MAX_MEMORY_MIB, MAX_PORTS, MAX_VCPUS, MIN_MEMORY_MIB, MIN_SCRATCH_MIB,
 };
 pub use engine::{Check, Engine, EngineError, Vm, VmSpec};
 pub use error::Error;
 pub use image::{
     ExecDefaults, ImageConfig, ImageLease, ImageProvider, ResolvedImage, ResolvedRoot,
 };
-pub use run::{RunOutput, RunStatus, Runner};
+pub use network::{
+    Nat, Network, NetworkAttachment, NetworkError, NetworkProvider, PortMapping, PublishedPort,
+};
+pub use run::{PublishedReport, RunOutput, RunStatus, Runner};
 pub use session::{
     EndReason, Exec, ExecEvent, ExecOutput, ExecSpec, ExecStatus, ExecStdin, Session, StopHandle,
     BOOT_TIMEOUT, STOP_GRACE,

@@ -9,7 +9,7 @@ use vmette_proto::{HostMessage, OutputStream, PtySize};
 
 use crate::control;
 use crate::session::{BootAbort, Capture, EndReason, ExecEvent, ExecSpec, ExecStatus, Session};
-use crate::{Config, Engine, Error, Stdin};
+use crate::{Config, Engine, Error, NetworkProvider, PublishedPort, Stdin};
 
 /// How long the command gets to react to a forwarded interrupt before the
 /// VM is torn down.
@@ -66,9 +66,14 @@ impl RunOutput {
     }
 }
 
+/// What [`Runner::on_published`] is told: the ports the run publishes.
+pub type PublishedReport<'a> = dyn Fn(&[PublishedPort]) + 'a;
+
 /// Runs configs on an engine. Built with setters, then used once per run.
 pub struct Runner<'a> {
     engine: &'a dyn Engine,
+    network: Option<&'a dyn NetworkProvider>,
+    on_published: Option<&'a PublishedReport<'a>>,
     progress: &'a dyn Progress,
     interrupts: Option<Receiver<i32>>,
     resizes: Option<Receiver<PtySize>>,
@@ -79,10 +84,26 @@ impl<'a> Runner<'a> {
     pub fn new(engine: &'a dyn Engine) -> Runner<'a> {
         Runner {
             engine,
+            network: None,
+            on_published: None,
             progress: &Silent,
             interrupts: None,
             resizes: None,
         }
+    }
+
+    /// Attaches the guest to `network` when the config asks for one.
+    pub fn network(mut self, network: &'a dyn NetworkProvider) -> Runner<'a> {
+        self.network = Some(network);
+        self
+    }
+
+    /// Tells `report` which ports the run publishes (the host ports
+    /// chosen, where 0 was asked) once the guest is up, before the
+    /// command starts.
+    pub fn on_published(mut self, report: &'a PublishedReport<'a>) -> Runner<'a> {
+        self.on_published = Some(report);
+        self
     }
 
     /// Reports long first-time work (kernel download, image build) here.
@@ -143,6 +164,7 @@ impl<'a> Runner<'a> {
         let interrupts = self.interrupts;
         let session = match Session::boot(
             self.engine,
+            self.network,
             config,
             self.progress,
             deadline,
@@ -153,6 +175,12 @@ impl<'a> Runner<'a> {
             Err(BootAbort::Interrupted(signal)) => return Ok(bare(RunStatus::Interrupted(signal))),
             Err(BootAbort::Failed(error)) => return Err(error),
         };
+        if let Some(report) = self.on_published {
+            let published = session.published();
+            if !published.is_empty() {
+                report(&published);
+            }
+        }
         let exec = session.exec(&spec)?;
         match &config.stdin {
             Stdin::Null => {}

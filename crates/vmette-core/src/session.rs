@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -28,6 +29,7 @@ use vmette_proto::{
 use crate::control::{self, ControlSender, Event, Reserved, StdinWindow};
 use crate::engine::Vm;
 use crate::image::ExecDefaults;
+use crate::network::{NetworkAttachment, NetworkProvider, PortMapping, PublishedPort};
 use crate::process::Watchdog;
 use crate::{boot, Config, Engine, Error};
 
@@ -214,6 +216,7 @@ pub struct Session {
     monitor: Option<JoinHandle<()>>,
     // Released after the monitor, which owns the VM, has ended; the
     // watchdog last, since it guards both.
+    network: Option<Arc<dyn NetworkAttachment>>,
     run_dir: Option<tempfile::TempDir>,
     watchdog: Option<Watchdog>,
     // The root's lease, held until the VM that reads the root is gone.
@@ -355,7 +358,18 @@ impl Session {
         config: &Config,
         progress: &dyn Progress,
     ) -> Result<Session, Error> {
-        match Session::boot(engine, config, progress, None, None) {
+        Session::start_with(engine, None, config, progress)
+    }
+
+    /// Boots a VM for `config` as [`Session::start`] does, attached to
+    /// `network` when the config asks for a network.
+    pub fn start_with(
+        engine: &dyn Engine,
+        network: Option<&dyn NetworkProvider>,
+        config: &Config,
+        progress: &dyn Progress,
+    ) -> Result<Session, Error> {
+        match Session::boot(engine, network, config, progress, None, None) {
             Ok(session) => Ok(session),
             Err(BootAbort::Failed(error)) => Err(error),
             // Given no deadline and no interrupts, a boot only succeeds or
@@ -369,6 +383,7 @@ impl Session {
 
     pub(crate) fn boot(
         engine: &dyn Engine,
+        network: Option<&dyn NetworkProvider>,
         config: &Config,
         progress: &dyn Progress,
         deadline: Option<Instant>,
@@ -383,7 +398,20 @@ impl Session {
             .map_err(Error::io("cannot create the run directory"))?;
         let watchdog =
             Watchdog::spawn(run_dir.path()).map_err(Error::io("cannot start the watchdog"))?;
-        let (spec, envelope) = boot::layout(config, &files, run_dir.path())?;
+        // Before the VM: a published port already in use fails the boot
+        // here, with nothing started.
+        let network = match (config.nat(), network) {
+            (None, _) => None,
+            (Some(nat), Some(provider)) => Some(provider.attach(nat).map_err(Error::Network)?),
+            (Some(_), None) => {
+                return Err(Error::InvalidConfig {
+                    field: "network",
+                    reason: "no network stack was given to this session".into(),
+                }
+                .into())
+            }
+        };
+        let (spec, envelope) = boot::layout(config, &files, network.as_deref(), run_dir.path())?;
         // The guest refuses what breaks the protocol's rules; find out here,
         // before a VM starts, and name the setting.
         HostMessage::Boot(envelope.clone())
@@ -515,10 +543,36 @@ impl Session {
             transfer_limit: config.transfer_limit,
             exec_defaults: config.exec_defaults.clone(),
             monitor: Some(monitor),
+            network,
             run_dir: Some(run_dir),
             watchdog: Some(watchdog),
             _image_lease: config.image_lease.clone(),
         })
+    }
+
+    /// Publishes a guest TCP port on the host while the session runs.
+    pub fn publish(&self, mapping: PortMapping) -> Result<PublishedPort, Error> {
+        let network = self.network.as_ref().ok_or_else(|| Error::InvalidConfig {
+            field: "publish",
+            reason:
+                "the session has no network device; start it with a published port or a network"
+                    .into(),
+        })?;
+        network.publish(mapping).map_err(Error::Network)
+    }
+
+    /// Stops publishing the port listening on `host` and closes its
+    /// connections; `false` when none listens there.
+    pub fn unpublish(&self, host: SocketAddr) -> bool {
+        self.network.as_ref().is_some_and(|n| n.unpublish(host))
+    }
+
+    /// The ports the session publishes now.
+    pub fn published(&self) -> Vec<PublishedPort> {
+        self.network
+            .as_ref()
+            .map(|n| n.published())
+            .unwrap_or_default()
     }
 
     /// Starts a command. Many may run at once.

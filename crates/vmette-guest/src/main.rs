@@ -14,7 +14,8 @@
 //! 3. open the control channel and say hello;
 //! 4. receive the boot envelope and assemble the root (read-only lower
 //!    layer, overlay upper on tmpfs or the scratch disk, shares), then
-//!    switch into it;
+//!    switch into it and configure the network device, if the host gave
+//!    the guest one;
 //! 5. serve exec requests and file operations until the host asks to
 //!    power off.
 
@@ -23,6 +24,7 @@ mod credit;
 mod exec;
 mod files;
 mod modules;
+mod network;
 mod root;
 mod user;
 
@@ -39,6 +41,24 @@ fn main() -> ExitCode {
         eprintln!("vmette-guest: {message}");
     }
     root::power_off()
+}
+
+/// Builds the root and the network the envelope describes.
+fn assemble(envelope: &vmette_proto::BootEnvelope) -> Result<(), String> {
+    if envelope.network.is_some() {
+        modules::load_network().map_err(|e| format!("could not load the network driver: {e}"))?;
+    }
+    root::assemble(envelope)
+        .map_err(|e| format!("could not assemble the root file system: {e}"))?;
+    if let Some(network) = &envelope.network {
+        let writable_root = matches!(
+            envelope.root,
+            vmette_proto::RootSource::VirtioFs { writable: true, .. }
+        );
+        network::configure(network, writable_root)
+            .map_err(|e| format!("could not configure the network: {e}"))?;
+    }
+    Ok(())
 }
 
 fn boot_and_serve() -> Result<(), String> {
@@ -63,8 +83,7 @@ fn boot_and_serve() -> Result<(), String> {
             other => eprintln!("vmette-guest: ignoring {other:?} before boot"),
         }
     };
-    if let Err(e) = root::assemble(&envelope) {
-        let message = format!("could not assemble the root file system: {e}");
+    if let Err(message) = assemble(&envelope) {
         outbox.send(GuestMessage::BootFailed {
             message: message.clone(),
         });

@@ -143,7 +143,7 @@ pub fn assemble(envelope: &BootEnvelope) -> io::Result<()> {
     chdir("/").map_err(io::Error::from)?;
 
     sethostname(&envelope.hostname).map_err(io::Error::from)?;
-    bring_up_loopback();
+    crate::network::bring_up_loopback();
     Ok(())
 }
 
@@ -198,32 +198,6 @@ fn find_disk(serial: &str) -> io::Result<PathBuf> {
             ));
         }
         thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Sets `lo` up so that programs binding to localhost work. Best effort:
-/// a guest without it still runs commands.
-fn bring_up_loopback() {
-    // SAFETY: socket() has no memory-safety preconditions; the returned fd
-    // is checked and closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: ifreq is plain old data for which all-zero is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
-        *slot = *byte as libc::c_char;
-    }
-    // SAFETY: fd is an open socket and request a valid, NUL-terminated ifreq
-    // that outlives both calls; the union field written is the flags one
-    // that SIOCGIFFLAGS/SIOCSIFFLAGS use.
-    unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS as libc::Ioctl, &mut request) == 0 {
-            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS as libc::Ioctl, &request);
-        }
-        libc::close(fd);
     }
 }
 

@@ -1,27 +1,40 @@
 //! The user-mode network stack between a vmette VM and the host, and the
 //! rules it enforces on every flow. The guest's Ethernet frames come to
-//! this stack alone; it answers DNS itself and opens each connection on
-//! the host, so what the guest may reach is decided here, on the host,
-//! whatever the guest does.
+//! this stack alone, over a datagram socket pair (QEMU's `-netdev dgram`,
+//! Virtualization.framework's file-handle attachment); it answers ARP,
+//! pings to the gateway and DNS itself, and opens each connection the
+//! guest makes as a socket of its own on the host, so what the guest may
+//! reach is decided here, on the host, whatever the guest does. No root,
+//! no bridge, no tap device: the VM's network is a thread of the process
+//! that runs it.
 //!
-//! This crate grows in steps (issue 13). Landed so far:
-//!
+//! * [`UserNetwork`]: the core's [`vmette_core::NetworkProvider`]; each
+//!   attach starts one [`Attachment`], a loop on its own thread
+//!   (smoltcp terminates the guest's TCP; UDP is translated directly);
+//! * [`Policy::decide`]: the one function every flow passes before the
+//!   stack opens anything;
 //! * [`Cidr`] and [`denied`]: the address ranges the stack never reaches
 //!   for a guest (loopback, private, link-local and cloud metadata,
 //!   multicast, reserved, and the IPv6 forms that carry IPv4 addresses),
 //!   whatever a name resolves to;
-//! * [`resolver`]: how the host's own programs resolve names
-//!   (`/etc/hosts`, then the nameservers of `/etc/resolv.conf`), read with
-//!   bounds, for the stack's DNS answers.
-//!
-//! Next: the frame interface (a datagram socket pair to QEMU's
-//! `-netdev dgram` and Virtualization.framework's file-handle
-//! attachment), the smoltcp interface behind it, DNS on port 53 of every
-//! address, and outbound NAT through one decision function.
+//! * [`resolver`] and [`dns`]: how names are resolved for the guest (the
+//!   host's `/etc/hosts` and nameservers, or an upstream the user names),
+//!   with the answers remembered as address-to-name bindings.
 
 #![warn(missing_docs)]
 
+mod addressing;
+mod attachment;
 mod cidr;
+pub mod dns;
+mod frames;
+mod policy;
 pub mod resolver;
+mod stack;
+mod wire;
 
+pub use addressing::{guest_network, GATEWAY, GUEST, MTU};
+pub use attachment::{AttachError, Attachment, UserNetwork};
 pub use cidr::{denied, BadCidr, Cidr, DeniedRange, DENIED};
+pub use policy::{Denial, Policy, Transport, Verdict};
+pub use stack::{TCP_FLOWS_LIMIT, UDP_FLOWS_LIMIT};

@@ -54,9 +54,10 @@ pub use files::{
 };
 pub use frame::{read_frame, write_frame, FrameError, FRAME_HEADER_LEN, MAX_FRAME_LEN};
 pub use messages::{
-    BootEnvelope, ExecId, ExecRequest, ExitStatus, GuestMessage, HostMessage, InvalidMessage,
-    OutputStream, OverlayUpper, PtySize, RootSource, ShareMount, MAX_ARGS, MAX_CHUNK_LEN, MAX_ENV,
-    MAX_PTY_SIDE, MAX_SHARES, OUTPUT_WINDOW, PROTOCOL_VERSION, STDIN_WINDOW,
+    BootEnvelope, ExecId, ExecRequest, ExitStatus, GuestMessage, GuestNetwork, HostMessage,
+    InvalidMessage, OutputStream, OverlayUpper, PtySize, RootSource, ShareMount, MAX_ARGS,
+    MAX_CHUNK_LEN, MAX_ENV, MAX_MTU, MAX_PTY_SIDE, MAX_SHARES, MIN_MTU, OUTPUT_WINDOW,
+    PROTOCOL_VERSION, STDIN_WINDOW,
 };
 
 /// Name of the virtio-serial port the guest agent looks for. Engines that

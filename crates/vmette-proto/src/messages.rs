@@ -4,12 +4,14 @@
 //! end of an enum; anything else changes the postcard encoding and needs a
 //! new protocol version.
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::files::{FileError, FileReply, FileRequest};
 
 /// Protocol generation spoken by this build. Host and guest must agree.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest data chunk (stdout, stderr, stdin) a sender puts in one frame.
 pub const MAX_CHUNK_LEN: usize = 64 * 1024;
@@ -211,7 +213,34 @@ pub struct BootEnvelope {
     pub disks: Vec<String>,
     /// The guest's host name.
     pub hostname: String,
+    /// The network interface to configure; the guest has only `lo`
+    /// without one.
+    pub network: Option<GuestNetwork>,
 }
+
+/// The guest's one network interface, configured statically by the agent
+/// (no DHCP client in images). IPv4 only: the agent turns IPv6 off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// The interface's MAC address, to find it by.
+    pub mac: [u8; 6],
+    /// The guest's address.
+    pub address: Ipv4Addr,
+    /// The length of the subnet's prefix.
+    pub prefix_len: u8,
+    /// The default gateway, in the subnet.
+    pub gateway: Ipv4Addr,
+    /// The name server the guest's `/etc/resolv.conf` names.
+    pub nameserver: Ipv4Addr,
+    /// The interface's MTU.
+    pub mtu: u16,
+}
+
+/// Smallest MTU a guest interface takes (IPv4's minimum datagram).
+pub const MIN_MTU: u16 = 576;
+/// Largest MTU a guest interface takes: an IPv4 datagram's limit, less
+/// the Ethernet header, rounded down as passt does.
+pub const MAX_MTU: u16 = 65520;
 
 /// The source of the root filesystem's contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -436,7 +465,39 @@ impl BootEnvelope {
         for serial in &self.disks {
             check_plain("disk serial", serial)?;
         }
+        if let Some(network) = &self.network {
+            network.validate()?;
+        }
         check_plain("hostname", &self.hostname)
+    }
+}
+
+impl GuestNetwork {
+    fn validate(&self) -> Result<(), InvalidMessage> {
+        if !(8..=30).contains(&self.prefix_len) {
+            return invalid("network prefix", "must be 8 to 30 bits");
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return invalid("network mtu", "must be 576 to 65520");
+        }
+        if self.mac[0] & 1 != 0 {
+            return invalid("network mac", "must be a unicast address");
+        }
+        let mask = u32::MAX << (32 - u32::from(self.prefix_len));
+        let subnet = |ip: Ipv4Addr| u32::from(ip) & mask;
+        let host = |ip: Ipv4Addr| u32::from(ip) & !mask;
+        for ip in [self.address, self.gateway] {
+            if subnet(ip) != subnet(self.address) || host(ip) == 0 || host(ip) == !mask {
+                return invalid("network address", "must be hosts of one subnet");
+            }
+        }
+        if self.address == self.gateway {
+            return invalid("network gateway", "must not be the guest's address");
+        }
+        if self.nameserver.is_unspecified() || self.nameserver.is_broadcast() {
+            return invalid("network nameserver", "must be a unicast address");
+        }
+        Ok(())
     }
 }
 
@@ -517,6 +578,32 @@ mod tests {
             }],
             disks: vec![],
             hostname: "vmette".into(),
+            network: Some(GuestNetwork {
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                address: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+                gateway: Ipv4Addr::new(10, 0, 2, 2),
+                nameserver: Ipv4Addr::new(10, 0, 2, 2),
+                mtu: 65520,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_guest_network_must_be_one_subnet_of_unicast_hosts() {
+        let broken: [fn(&mut GuestNetwork); 7] = [
+            |n| n.prefix_len = 31,
+            |n| n.mtu = 100,
+            |n| n.mac[0] = 1,
+            |n| n.gateway = Ipv4Addr::new(10, 0, 3, 2),
+            |n| n.address = Ipv4Addr::new(10, 0, 2, 255),
+            |n| n.gateway = n.address,
+            |n| n.nameserver = Ipv4Addr::BROADCAST,
+        ];
+        for (index, breaks) in broken.iter().enumerate() {
+            let mut env = envelope();
+            breaks(env.network.as_mut().expect("network"));
+            assert!(HostMessage::Boot(env).validate().is_err(), "case {index}");
         }
     }
 

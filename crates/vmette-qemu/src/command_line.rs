@@ -1,6 +1,7 @@
 //! The QEMU command line for a [`VmSpec`]. Pure, so it is tested without
 //! starting anything.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use vmette_core::VmSpec;
@@ -98,6 +99,23 @@ pub fn qemu_args(spec: &VmSpec, accel: &Choice, cmdline: &str, files: &RunFiles)
         "-device",
         &format!("virtserialport,chardev=control,name={CONTROL_PORT_NAME}"),
     ]);
+    if let Some(nic) = &spec.nic {
+        // The stack's socket pair: each datagram one Ethernet frame. QEMU
+        // inherits the descriptor (vm.rs clears its close-on-exec).
+        let mac = nic.mac.map(|b| format!("{b:02x}")).join(":");
+        push(&[
+            "-netdev",
+            &format!(
+                "dgram,id=net0,local.type=fd,local.str={}",
+                nic.frames.0.as_raw_fd()
+            ),
+            "-device",
+            &format!(
+                "virtio-net-device,netdev=net0,mac={mac},host_mtu={}",
+                nic.mtu
+            ),
+        ]);
+    }
     for (index, disk) in spec.disks.iter().enumerate() {
         // Always raw, never probed: a guest that writes a qcow2 header into
         // a writable disk must not get QEMU to open a backing file of its
@@ -152,6 +170,7 @@ mod tests {
                 path: "/data".into(),
                 read_only: true,
             }],
+            nic: None,
             accel: Accel::Auto,
             run_dir: "/run/x".into(),
         }
@@ -181,6 +200,23 @@ mod tests {
         assert!(joined.contains("vhost-user-fs-device,chardev=fs0,tag=vmette-share0"));
         assert!(joined.contains("socket,id=fs0,path=/run/x/fs0.sock"));
         assert!(joined.contains("virtserialport,chardev=control,name=vmette.ctl"));
+    }
+
+    #[test]
+    fn a_network_device_takes_the_frame_socket() {
+        let mut spec = spec();
+        let (_, engine_end) = std::os::unix::net::UnixDatagram::pair().expect("pair");
+        let fd = std::os::fd::OwnedFd::from(engine_end);
+        let number = fd.as_raw_fd();
+        spec.nic = Some(vmette_core::network::NicSpec {
+            frames: vmette_core::network::FrameSocket(std::sync::Arc::new(fd)),
+            mac: [0x52, 0x54, 0, 0x76, 0x6d, 0x0f],
+            mtu: 65520,
+        });
+        let files = RunFiles::in_dir(Path::new("/run/x"), 1);
+        let args = qemu_args(&spec, &Choice::Tcg(String::new()), "", &files).join(" ");
+        assert!(args.contains(&format!("dgram,id=net0,local.type=fd,local.str={number}")));
+        assert!(args.contains("virtio-net-device,netdev=net0,mac=52:54:00:76:6d:0f,host_mtu=65520"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! A running QEMU VM and the helpers it owns.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,6 +62,20 @@ impl QemuVm {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
+        if let Some(nic) = &spec.nic {
+            let fd = nic.frames.0.as_raw_fd();
+            // SAFETY: fcntl is async-signal-safe, and the closure touches no
+            // memory of the parent; it only lets the child keep `fd`, which
+            // the spec holds open until after the spawn.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         tracing::debug!(?program, ?args, "starting QEMU");
         let mut qemu =
             spawn_helper("qemu", &mut command, watchdog).map_err(|source| EngineError::Spawn {

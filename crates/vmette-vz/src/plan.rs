@@ -60,6 +60,17 @@ pub struct ShareDevice {
     pub tag: String,
 }
 
+/// The network device: frames over the stack's datagram socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkDevice {
+    /// The engine's end of the frame socket.
+    pub frames: vmette_core::network::FrameSocket,
+    /// `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The attachment's MTU.
+    pub mtu: u16,
+}
+
 /// Every device and setting of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevicePlan {
@@ -77,6 +88,8 @@ pub struct DevicePlan {
     pub disks: Vec<DiskDevice>,
     /// virtio-fs devices.
     pub shares: Vec<ShareDevice>,
+    /// A virtio network device, when the guest has a network.
+    pub network: Option<NetworkDevice>,
     /// A virtio console (`hvc0`) whose output the engine keeps the end of.
     pub console: bool,
     /// virtio-socket port of the control channel.
@@ -172,6 +185,22 @@ pub fn plan(spec: &VmSpec, limits: &Limits) -> Result<DevicePlan, EngineError> {
         });
     }
 
+    let network = match &spec.nic {
+        // The framework takes 1500 to 65535.
+        Some(nic) if nic.mtu < 1500 => {
+            return Err(invalid(
+                "network",
+                format!("an MTU of {} is below the framework's 1500", nic.mtu),
+            ))
+        }
+        Some(nic) => Some(NetworkDevice {
+            frames: nic.frames.clone(),
+            mac: nic.mac.map(|b| format!("{b:02x}")).join(":"),
+            mtu: nic.mtu,
+        }),
+        None => None,
+    };
+
     let mut cmdline =
         format!("console=hvc0 quiet panic=-1 rdinit=/init vmette.control=vsock:{CONTROL_PORT}");
     if !spec.cmdline_extra.trim().is_empty() {
@@ -187,6 +216,7 @@ pub fn plan(spec: &VmSpec, limits: &Limits) -> Result<DevicePlan, EngineError> {
         memory_bytes,
         disks,
         shares,
+        network,
         console: true,
         control_port: CONTROL_PORT,
         entropy: true,
@@ -250,7 +280,7 @@ mod tests {
         config.validate()?;
         let run_dir = host.dir.path().join("run");
         std::fs::create_dir_all(&run_dir).expect("run dir");
-        let (spec, _envelope) = layout(config, &host.files, &run_dir)?;
+        let (spec, _envelope) = layout(config, &host.files, None, &run_dir)?;
         plan(&spec, &limits()).map_err(Error::from)
     }
 
@@ -461,6 +491,7 @@ mod tests {
                 read_only: true,
             }],
             shares: vec![],
+            nic: None,
             accel: Accel::Auto,
             run_dir: host.dir.path().into(),
         };

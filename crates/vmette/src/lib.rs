@@ -30,6 +30,7 @@
 
 pub use vmette_core::*;
 pub use vmette_images as images;
+pub use vmette_net as net;
 
 /// Environment variable that picks the engine by name (`qemu`, `vz`).
 pub const ENGINE_ENV: &str = "VMETTE_ENGINE";
@@ -67,10 +68,18 @@ pub fn default_engine() -> Result<Box<dyn Engine>, Error> {
     }
 }
 
+/// vmette's user-mode network stack (`vmette-net`), which attaches the
+/// guests whose [`Config::network`] asks for a network.
+pub fn default_network() -> &'static dyn NetworkProvider {
+    &vmette_net::UserNetwork
+}
+
 /// Runs `config` in a fresh microVM and captures stdout and stderr
 /// separately, each up to `config.capture_limit` bytes.
 pub fn run(config: &Config) -> Result<RunOutput, Error> {
-    Runner::new(&*default_engine()?).run(&resolve(config)?)
+    Runner::new(&*default_engine()?)
+        .network(default_network())
+        .run(&resolve(config)?)
 }
 
 /// `config` with its image resolved by the user's store, as
@@ -91,7 +100,12 @@ pub fn resolve(config: &Config) -> Result<Config, Error> {
 /// # Ok::<(), vmette::Error>(())
 /// ```
 pub fn start_session(config: &Config) -> Result<Session, Error> {
-    Session::start(&*default_engine()?, &resolve(config)?, &assets::Silent)
+    Session::start_with(
+        &*default_engine()?,
+        Some(default_network()),
+        &resolve(config)?,
+        &assets::Silent,
+    )
 }
 
 /// Runs `config`, handing output to `sink` as it is produced.
@@ -99,5 +113,7 @@ pub fn run_streaming(
     config: &Config,
     sink: &mut dyn FnMut(OutputStream, &[u8]),
 ) -> Result<RunOutput, Error> {
-    Runner::new(&*default_engine()?).run_streaming(&resolve(config)?, sink)
+    Runner::new(&*default_engine()?)
+        .network(default_network())
+        .run_streaming(&resolve(config)?, sink)
 }

@@ -8,11 +8,13 @@ use objc2::{AllocAnyThread, ClassType};
 use objc2_foundation::{NSArray, NSError, NSFileHandle, NSString, NSURL};
 use objc2_virtualization::{
     VZDirectorySharingDeviceConfiguration, VZDiskImageStorageDeviceAttachment,
-    VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment, VZLinuxBootLoader,
-    VZMemoryBalloonDeviceConfiguration, VZSerialPortConfiguration, VZSharedDirectory,
-    VZSingleDirectoryShare, VZSocketDeviceConfiguration, VZStorageDeviceConfiguration,
-    VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration,
-    VZVirtioEntropyDeviceConfiguration, VZVirtioFileSystemDeviceConfiguration,
+    VZEntropyDeviceConfiguration, VZFileHandleNetworkDeviceAttachment,
+    VZFileHandleSerialPortAttachment, VZLinuxBootLoader, VZMACAddress,
+    VZMemoryBalloonDeviceConfiguration, VZNetworkDeviceConfiguration, VZSerialPortConfiguration,
+    VZSharedDirectory, VZSingleDirectoryShare, VZSocketDeviceConfiguration,
+    VZStorageDeviceConfiguration, VZVirtioBlockDeviceConfiguration,
+    VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration,
+    VZVirtioFileSystemDeviceConfiguration, VZVirtioNetworkDeviceConfiguration,
     VZVirtioSocketDeviceConfiguration, VZVirtioTraditionalMemoryBalloonDeviceConfiguration,
     VZVirtualMachineConfiguration,
 };
@@ -90,6 +92,42 @@ pub fn build(
             shares.push(Retained::into_super(device));
         }
         configuration.setDirectorySharingDevices(&NSArray::from_retained_slice(&shares));
+
+        if let Some(network) = &plan.network {
+            // The handle owns a duplicate; the plan keeps its own descriptor.
+            let fd = network
+                .frames
+                .0
+                .try_clone()
+                .map_err(|source| EngineError::Io {
+                    context: "cannot hand the network socket to the framework".into(),
+                    source,
+                })?;
+            let handle = NSFileHandle::initWithFileDescriptor_closeOnDealloc(
+                NSFileHandle::alloc(),
+                fd.into_raw_fd(),
+                true,
+            );
+            let attachment = VZFileHandleNetworkDeviceAttachment::initWithFileHandle(
+                VZFileHandleNetworkDeviceAttachment::alloc(),
+                &handle,
+            );
+            attachment.setMaximumTransmissionUnit(network.mtu.try_into().unwrap_or(1500));
+            let device = VZVirtioNetworkDeviceConfiguration::new();
+            device.setAttachment(Some(attachment.as_super()));
+            let mac = VZMACAddress::initWithString(
+                VZMACAddress::alloc(),
+                &NSString::from_str(&network.mac),
+            )
+            .ok_or_else(|| EngineError::InvalidConfig {
+                field: "network",
+                reason: format!("{} is not a MAC address", network.mac),
+            })?;
+            device.setMACAddress(&mac);
+            let devices: [Retained<VZNetworkDeviceConfiguration>; 1] =
+                [Retained::into_super(device)];
+            configuration.setNetworkDevices(&NSArray::from_retained_slice(&devices));
+        }
 
         if plan.console {
             let handle = NSFileHandle::initWithFileDescriptor_closeOnDealloc(

@@ -1,16 +1,16 @@
-//! Freezes the encoding of protocol version 1. Every message kind is encoded
-//! as a frame and compared with `wire-v1.txt`; a change to any message's
+//! Freezes the encoding of the protocol's current version. Every message kind is encoded
+//! as a frame and compared with `wire-vN.txt` (N the version); a change to any message's
 //! shape shows up here as a diff to review, not as a guest that silently
 //! misreads its host. Where the change is intended, bump
 //! `PROTOCOL_VERSION` or append compatibly, then re-bless with
-//! `VMETTE_BLESS=1 cargo test -p vmette-proto --test wire_v1`.
+//! `VMETTE_BLESS=1 cargo test -p vmette-proto --test wire`.
 
 use std::fmt::Write as _;
 
 use vmette_proto::{
     write_frame, BootEnvelope, DirEntry, ExecRequest, ExitStatus, FileError, FileErrorKind,
-    FileKind, FileOp, FileReply, FileRequest, FileStat, GuestMessage, HostMessage, OutputStream,
-    OverlayUpper, PtySize, RootSource, ShareMount, PROTOCOL_VERSION,
+    FileKind, FileOp, FileReply, FileRequest, FileStat, GuestMessage, GuestNetwork, HostMessage,
+    OutputStream, OverlayUpper, PtySize, RootSource, ShareMount, PROTOCOL_VERSION,
 };
 
 fn samples() -> Vec<(&'static str, Vec<u8>)> {
@@ -37,6 +37,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 }],
                 disks: vec!["vmette-disk0".into()],
                 hostname: "vmette".into(),
+                network: None,
             })),
         ),
         (
@@ -50,6 +51,14 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
                 shares: vec![],
                 disks: vec![],
                 hostname: "vmette".into(),
+                network: Some(GuestNetwork {
+                    mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                    address: [10, 0, 2, 15].into(),
+                    prefix_len: 24,
+                    gateway: [10, 0, 2, 2].into(),
+                    nameserver: [10, 0, 2, 2].into(),
+                    mtu: 65520,
+                }),
             })),
         ),
         (
@@ -228,11 +237,11 @@ fn the_v1_encoding_is_frozen() {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         writeln!(text, "{name}: {hex}").expect("format");
     }
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/wire-v1.txt");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/wire-v2.txt");
     if std::env::var_os("VMETTE_BLESS").is_some() {
         std::fs::write(path, &text).expect("bless");
     }
-    let frozen = std::fs::read_to_string(path).expect("tests/wire-v1.txt");
+    let frozen = std::fs::read_to_string(path).expect("tests/wire-v2.txt");
     assert_eq!(
         frozen, text,
         "the wire encoding changed; see this file's header"
