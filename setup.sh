@@ -75,14 +75,16 @@ packages=(
 # the parts together instead of mixing 7.2 with a backported 10.
 qemu_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
 if [ "$test_tools" = yes ]; then
-    # A real registry, and the tools that build and push test images.
-    packages+=(shellcheck tmux docker-registry umoci skopeo apache2-utils)
+    # A real registry, and the tools that build and push test images;
+    # iproute2 for the network tests' namespaces, passt to compare the
+    # network stack against.
+    packages+=(shellcheck tmux docker-registry umoci skopeo apache2-utils iproute2 passt)
     qemu_packages+=(qemu-system-arm)
 fi
 
 if [ "$list_packages" = yes ]; then
     printf '%s\n' "${packages[@]}" "${qemu_packages[@]}" shellcheck tmux qemu-system-arm \
-        docker-registry umoci skopeo apache2-utils | sort -u
+        docker-registry umoci skopeo apache2-utils iproute2 passt | sort -u
     exit 0
 fi
 

@@ -128,6 +128,66 @@ pub struct SessionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 4096))]
     pub image: Option<String>,
+    /// The guest's network; without one the guest has only `lo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
+}
+
+/// A session's network: a device behind the host's user-mode stack.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// Let the guest open connections outward (NAT), except to loopback,
+    /// private, link-local (cloud metadata), multicast and reserved
+    /// addresses, which stay unreachable; names that resolve to them are
+    /// refused. Without it the guest reaches nothing, and only serves the
+    /// ports published.
+    #[serde(default)]
+    pub outbound: bool,
+    /// Guest TCP ports to publish on the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64))]
+    pub publish: Vec<PortRequest>,
+    /// Ports of the host's loopback the guest may reach, at its gateway's
+    /// address (10.0.2.2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64))]
+    pub host_ports: Vec<u16>,
+    /// The DNS server the stack asks for the guest (`IP` or `IP:PORT`);
+    /// the daemon host's resolver configuration when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(max_length = 64))]
+    pub dns: Option<String>,
+}
+
+/// A guest TCP port to publish on the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PortRequest {
+    /// The host address to listen on; 127.0.0.1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(max_length = 64))]
+    pub host_ip: Option<String>,
+    /// The host port; 0 (the default) picks a free one.
+    #[serde(default)]
+    pub host_port: u16,
+    /// The guest port connections go to.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
+    pub guest_port: u16,
+}
+
+/// A port a session publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PublishedPortInfo {
+    /// The host address it listens on.
+    pub host_ip: String,
+    /// The host port (the one chosen, when 0 was asked).
+    pub host_port: u16,
+    /// The guest port connections go to.
+    pub guest_port: u16,
 }
 
 /// A host directory mounted in a session's guest.
@@ -196,6 +256,12 @@ pub struct SessionInfo {
     pub state: String,
     /// Why it ended, once it has.
     pub end_reason: Option<String>,
+    /// Whether the guest has a network device.
+    #[serde(default)]
+    pub network: bool,
+    /// The ports it publishes now.
+    #[serde(default)]
+    pub published: Vec<PublishedPortInfo>,
 }
 
 /// `DELETE /v1/sessions/{id}`.

@@ -20,6 +20,8 @@ Examples:
   vmette run --share ./out:/out:rw -- sh -c 'date > /out/stamp'
   vmette run --timeout 30s --memory 1G --scratch 2G -- make -j2
   vmette run -t -- bash
+  vmette run --net toolbox -- curl -sI https://example.com
+  vmette run -p 8000:8000 python -- python3 -m http.server 8000
 
 Stdin: forwarded when it is not a terminal (a pipe, a file). With -t the
 terminal itself is the command's, through a PTY in the guest, in raw mode
@@ -53,9 +55,17 @@ Examples:
   vmette create --name py python:3.12-slim
   id=$(vmette create --memory 1G | tail -n 1)
   vmette create --name ci --timeout 1h --idle-timeout 10m
+  vmette create --name web --net -p 0:8000 python
 
 The sandbox lives until `vmette stop`, its --timeout, or --idle-timeout
 with no exec (the daemon's default is 30 minutes).";
+
+const PORT_EXAMPLES: &str = "\
+Examples:
+  vmette port web add 0:8001
+  vmette port web add 127.0.0.1:9000:9000 --json
+  vmette port web ls
+  vmette port web rm 9000";
 
 const EXEC_EXAMPLES: &str = "\
 Examples:
@@ -115,6 +125,11 @@ pub enum Command {
     /// Run a command in a sandbox made by `vmette create`.
     #[command(after_help = EXEC_EXAMPLES)]
     Exec(ExecArgs),
+    /// Publish, close and list a sandbox's guest ports on the host while it
+    /// runs (the sandbox needs a network: --net, -p or --allow-host-port
+    /// at `vmette create`).
+    #[command(after_help = PORT_EXAMPLES)]
+    Port(PortArgs),
     /// Copy files or directories between the host and a sandbox.
     #[command(after_help = CP_EXAMPLES)]
     Cp(CpArgs),
@@ -396,6 +411,39 @@ pub struct ExecArgs {
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PortArgs {
+    /// The sandbox's id or name.
+    pub id: String,
+    #[command(subcommand)]
+    pub action: PortAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortAction {
+    /// Publish a guest TCP port; prints the host address it listens on.
+    Add {
+        /// `[HOST_IP:]HOST_PORT:GUEST_PORT`; HOST_PORT 0 picks a free one.
+        #[arg(value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT")]
+        mapping: String,
+        /// Print the port as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close a published port and the connections it accepted.
+    Rm {
+        /// The host port.
+        #[arg(value_name = "HOST_PORT")]
+        port: String,
+    },
+    /// List the published ports.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -207,6 +207,13 @@ impl Client {
         decode(&answer)
     }
 
+    /// `DELETE path`, expecting no content back.
+    pub fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let body = Body::Left(Full::new(Bytes::new()));
+        self.call("DELETE", path, "application/json", body)
+            .map(drop)
+    }
+
     /// `POST path` with `bytes` as the body, expecting no content back.
     pub fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
         let body = Body::Left(Full::new(Bytes::from(bytes)));

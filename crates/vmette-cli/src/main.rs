@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         }
         args::Command::Pull(args) => pull::pull(args, cli.quiet),
         args::Command::Create(args) => verbs::create(*args),
+        args::Command::Port(args) => verbs::port(args),
         args::Command::Exec(args) => verbs::exec(args),
         args::Command::Cp(args) => verbs::cp(args),
         args::Command::Ps(args) => verbs::ps(args.json),

@@ -11,7 +11,10 @@ use anyhow::{bail, Context};
 use base64::Engine as _;
 use vmette_api::{ExecInfo, ExecRequest, SessionInfo, SessionRequest, Stat};
 
-use crate::args::{CpArgs, CreateArgs, DaemonCommand, ExecArgs, ImageArgs, StopArgs};
+use crate::args::{
+    CpArgs, CreateArgs, DaemonCommand, ExecArgs, ImageArgs, NetworkArgs, PortAction, PortArgs,
+    StopArgs,
+};
 use crate::client::{ApiFailure, Client};
 use crate::{terminal, values};
 
@@ -75,10 +78,88 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
             .as_deref()
             .map(|image| image_for_daemon(image, &args.images))
             .transpose()?,
+        network: network_request(&args.network)?,
     };
     let client = Client::connect(true)?;
     let session: SessionInfo = client.json("POST", "/v1/sessions", Some(&request))?;
+    let asked = request.network.map(|n| n.publish).unwrap_or_default();
+    for (mapping, port) in asked.iter().zip(&session.published) {
+        if mapping.host_port == 0 {
+            eprintln!(
+                "vmette: guest port {} is published on {}",
+                port.guest_port,
+                host_address(port)
+            );
+        }
+    }
     println!("{}", session.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The network flags as the daemon takes them; checked here first, so a
+/// bad flag fails before the daemon is asked.
+fn network_request(args: &NetworkArgs) -> anyhow::Result<Option<vmette_api::NetworkRequest>> {
+    let vmette::Network::Nat(nat) = crate::run::network_from(args)? else {
+        return Ok(None);
+    };
+    Ok(Some(vmette_api::NetworkRequest {
+        outbound: nat.outbound,
+        publish: nat.publish.iter().map(port_request).collect(),
+        host_ports: nat.host_ports,
+        dns: nat.dns.map(|d| d.to_string()),
+    }))
+}
+
+fn port_request(mapping: &vmette::PortMapping) -> vmette_api::PortRequest {
+    vmette_api::PortRequest {
+        host_ip: Some(mapping.host_ip.to_string()),
+        host_port: mapping.host_port,
+        guest_port: mapping.guest_port,
+    }
+}
+
+fn host_address(port: &vmette_api::PublishedPortInfo) -> String {
+    match port.host_ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, port.host_port).to_string(),
+        Err(_) => format!("{}:{}", port.host_ip, port.host_port),
+    }
+}
+
+pub fn port(args: PortArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::connect(false).context("no sandbox is running")?;
+    let base = format!("/v1/sessions/{}/ports", url_segment(&args.id));
+    match args.action {
+        PortAction::Add { mapping, json } => {
+            let mapping = values::publish(&mapping).map_err(anyhow::Error::msg)?;
+            let port: vmette_api::PublishedPortInfo =
+                client.json("POST", &base, Some(&port_request(&mapping)))?;
+            if json {
+                println!("{}", serde_json::to_string(&port)?);
+            } else {
+                println!("{}", host_address(&port));
+            }
+        }
+        PortAction::Rm { port } => {
+            let number = port
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p > 0)
+                .ok_or_else(|| anyhow::anyhow!("{port:?} is not a host port (1 to 65535)"))?;
+            client.delete(&format!("{base}/{number}"))?;
+        }
+        PortAction::Ls { json } => {
+            let ports: Vec<vmette_api::PublishedPortInfo> =
+                client.json("GET", &base, None::<&()>)?;
+            if json {
+                println!("{}", serde_json::to_string(&ports)?);
+            } else {
+                for port in &ports {
+                    println!("{} -> {}", host_address(port), port.guest_port);
+                }
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

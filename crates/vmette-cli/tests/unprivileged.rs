@@ -117,6 +117,37 @@ fn an_ordinary_user_runs_vms_and_shares() {
     ]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
     assert_eq!(support::stdout(&output), "42\n0:0:4755\n");
+    // The network stack as an ordinary user: no root, no tap, no bridge.
+    // The guest reaches only a port of the host's loopback, so nothing
+    // leaves this machine.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\n\r\nfrom the host\n");
+        }
+    });
+    let fetch = format!(
+        "import urllib.request; print(urllib.request.urlopen('http://10.0.2.2:{port}/', timeout=20).read().decode(), end='')"
+    );
+    let output = as_user(&[
+        "run",
+        "--offline",
+        "--allow-host-port",
+        &port.to_string(),
+        "python",
+        "--",
+        "python3",
+        "-c",
+        &fetch,
+    ]);
+    assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
+    assert_eq!(support::stdout(&output), "from the host\n");
+    server.join().expect("the host's server");
+
     let output = as_user(&["run", "--", "sh", "-c", "stat -c %u:%g:%a /usr/bin/su"]);
     assert_eq!(support::code(&output), 0, "{}", support::stderr(&output));
     assert_eq!(

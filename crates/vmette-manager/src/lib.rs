@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use vmette_core::assets::Silent;
-use vmette_core::{Config, EndReason, Engine, ImageProvider, Session, STOP_GRACE};
+use vmette_core::{Config, EndReason, Engine, ImageProvider, NetworkProvider, Session, STOP_GRACE};
 
 /// Default idle eviction: a session with no exec for this long ends.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -139,6 +139,8 @@ pub struct Managed {
     pub memory_mib: u32,
     /// Its virtual CPUs.
     pub vcpus: u8,
+    /// Whether its guest has a network device.
+    pub networked: bool,
     /// The session itself.
     pub session: Session,
 }
@@ -158,6 +160,7 @@ pub struct Status {
 pub struct Manager {
     engine: Box<dyn Engine>,
     images: Box<dyn ImageProvider>,
+    network: Box<dyn NetworkProvider>,
     limits: Limits,
     registry: Mutex<Registry>,
 }
@@ -213,11 +216,17 @@ fn check_name(name: &str) -> Result<(), ManagerError> {
 
 impl Manager {
     /// A manager that starts sessions on `engine` within `limits`, with
-    /// named images resolved by `images`.
-    pub fn new(engine: Box<dyn Engine>, images: Box<dyn ImageProvider>, limits: Limits) -> Manager {
+    /// named images resolved by `images` and networks from `network`.
+    pub fn new(
+        engine: Box<dyn Engine>,
+        images: Box<dyn ImageProvider>,
+        network: Box<dyn NetworkProvider>,
+        limits: Limits,
+    ) -> Manager {
         Manager {
             engine,
             images,
+            network,
             limits,
             registry: Mutex::new(Registry::default()),
         }
@@ -271,7 +280,7 @@ impl Manager {
         }
 
         // Booting takes seconds: outside the lock, with the slot reserved.
-        let started = Session::start(&*self.engine, &config, &Silent);
+        let started = Session::start_with(&*self.engine, Some(&*self.network), &config, &Silent);
         let mut registry = lock(&self.registry);
         registry.booting -= 1;
         match started {
@@ -282,6 +291,7 @@ impl Manager {
                     created: SystemTime::now(),
                     memory_mib: config.memory_mib,
                     vcpus: config.vcpus,
+                    networked: config.nat().is_some(),
                     session,
                 });
                 registry.live.insert(id, Arc::clone(&managed));

@@ -18,6 +18,7 @@ fn limits_names_removal_and_idle_eviction() {
     let manager = Manager::new(
         vmette::default_engine().expect("engine"),
         Box::new(vmette::images::Images::locate().expect("the image store")),
+        Box::new(vmette::net::UserNetwork),
         Limits {
             max_sessions: 2,
             max_memory_mib: 900,

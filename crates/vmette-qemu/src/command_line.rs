@@ -50,8 +50,16 @@ pub fn kernel_cmdline(spec: &VmSpec, accel: &Choice, tsc_khz: Option<u64>) -> St
     parts.join(" ")
 }
 
-/// Arguments for `qemu-system-*` (without the program itself).
-pub fn qemu_args(spec: &VmSpec, accel: &Choice, cmdline: &str, files: &RunFiles) -> Vec<String> {
+/// Arguments for `qemu-system-*` (without the program itself). A network
+/// device is backed by the stack's frame socket, or by `netdev_override`
+/// when given (the benchmark's passt).
+pub fn qemu_args(
+    spec: &VmSpec,
+    accel: &Choice,
+    cmdline: &str,
+    files: &RunFiles,
+    netdev_override: Option<&str>,
+) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     let memory = format!("{}M", spec.memory_mib);
@@ -103,12 +111,16 @@ pub fn qemu_args(spec: &VmSpec, accel: &Choice, cmdline: &str, files: &RunFiles)
         // The stack's socket pair: each datagram one Ethernet frame. QEMU
         // inherits the descriptor (vm.rs clears its close-on-exec).
         let mac = nic.mac.map(|b| format!("{b:02x}")).join(":");
-        push(&[
-            "-netdev",
-            &format!(
+        let netdev = match netdev_override {
+            Some(netdev) => format!("{netdev},id=net0"),
+            None => format!(
                 "dgram,id=net0,local.type=fd,local.str={}",
                 nic.frames.0.as_raw_fd()
             ),
+        };
+        push(&[
+            "-netdev",
+            &netdev,
             "-device",
             &format!(
                 "virtio-net-device,netdev=net0,mac={mac},host_mtu={}",
@@ -189,7 +201,13 @@ mod tests {
     fn devices_follow_the_spec() {
         let spec = spec();
         let files = RunFiles::in_dir(Path::new("/run/x"), 1);
-        let args = qemu_args(&spec, &Choice::Tcg(String::new()), "console=ttyS0", &files);
+        let args = qemu_args(
+            &spec,
+            &Choice::Tcg(String::new()),
+            "console=ttyS0",
+            &files,
+            None,
+        );
         let joined = args.join(" ");
         assert!(joined.contains("-accel tcg"));
         assert!(!joined.contains("-cpu host"));
@@ -214,8 +232,17 @@ mod tests {
             mtu: 65520,
         });
         let files = RunFiles::in_dir(Path::new("/run/x"), 1);
-        let args = qemu_args(&spec, &Choice::Tcg(String::new()), "", &files).join(" ");
+        let args = qemu_args(&spec, &Choice::Tcg(String::new()), "", &files, None).join(" ");
         assert!(args.contains(&format!("dgram,id=net0,local.type=fd,local.str={number}")));
+        let passt = qemu_args(
+            &spec,
+            &Choice::Tcg(String::new()),
+            "",
+            &files,
+            Some("stream,addr.type=unix,addr.path=/run/passt.sock"),
+        )
+        .join(" ");
+        assert!(passt.contains("-netdev stream,addr.type=unix,addr.path=/run/passt.sock,id=net0"));
         assert!(args.contains("virtio-net-device,netdev=net0,mac=52:54:00:76:6d:0f,host_mtu=65520"));
     }
 
@@ -224,7 +251,7 @@ mod tests {
         let mut spec = spec();
         spec.shares.clear();
         let files = RunFiles::in_dir(Path::new("/run/x"), 0);
-        let args = qemu_args(&spec, &Choice::Kvm(String::new()), "", &files).join(" ");
+        let args = qemu_args(&spec, &Choice::Kvm(String::new()), "", &files, None).join(" ");
         assert!(!args.contains("memory-backend"));
         assert!(args.contains("-accel kvm -cpu host"));
     }

@@ -11,6 +11,10 @@
 //! * KVM is used only where it really works, decided before QEMU starts
 //!   ([`accel`]); otherwise TCG.
 //!
+//! * A network device is virtio-net on the frame socket of vmette's stack
+//!   (`-netdev dgram` on an inherited descriptor). [`NETDEV_ENV`] replaces
+//!   that backend, for the network benchmark's comparison with passt.
+//!
 //! Everything runs as the invoking user. Without root, `virtiofsd` runs in
 //! a user namespace (via `unshare`) where the user is root.
 
@@ -27,6 +31,12 @@ use std::process::Command;
 use vmette_core::assets::host_tool;
 use vmette_core::engine::{Check, Engine, EngineError, Vm, VmSpec};
 use vmette_core::process::Watchdog;
+
+/// Environment variable naming a QEMU `-netdev` backend (without its
+/// `id`) to give a guest's network device instead of vmette's stack, e.g.
+/// `stream,addr.type=unix,addr.path=/tmp/passt.sock`. For benchmarks: the
+/// guest then bypasses vmette's rules.
+pub const NETDEV_ENV: &str = "VMETTE_QEMU_NETDEV";
 
 /// The QEMU engine.
 #[derive(Debug, Clone, Default)]

@@ -50,7 +50,10 @@ impl QemuVm {
             ),
         })?;
         let cmdline = kernel_cmdline(spec, &accel, accel::host_tsc_khz());
-        let args = qemu_args(spec, &accel, &cmdline, &files);
+        let netdev = std::env::var(crate::NETDEV_ENV)
+            .ok()
+            .filter(|v| !v.is_empty());
+        let args = qemu_args(spec, &accel, &cmdline, &files, netdev.as_deref());
         let qemu_log = spec.run_dir.join("qemu.log");
         let log = File::create(&qemu_log).map_err(|source| EngineError::Io {
             context: "cannot create the QEMU log".into(),

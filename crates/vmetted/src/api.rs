@@ -28,6 +28,7 @@ use crate::attach;
 use crate::events::Events;
 use crate::files;
 use crate::openapi::{ExecFailures, ExecPath, JsonBodyFailures, SessionPath};
+use crate::ports;
 use crate::stdin;
 
 /// Largest JSON request body.
@@ -194,6 +195,9 @@ impl From<vmette::Error> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
             }
             vmette::Error::Image(error) => image_error(&*error, message),
+            vmette::Error::Network(_) => {
+                ApiError::new(StatusCode::CONFLICT, "port_unavailable", message)
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "vmette_failed", message),
         }
     }
@@ -233,7 +237,7 @@ pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// A JSON body whose rejections are API errors like every other: the
 /// status axum chose (400, 413, 415, 422) and one sentence.
-struct ApiJson<T>(T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -340,6 +344,8 @@ pub(crate) fn routes() -> OpenApiRouter<Arc<Daemon>> {
             routes!(files::put_file, files::get_file, files::delete)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .routes(routes!(ports::list_ports, ports::publish_port))
+        .routes(routes!(ports::unpublish_port))
         .routes(routes!(files::stat))
         .routes(routes!(files::list))
         .routes(routes!(files::mkdir))
@@ -390,6 +396,7 @@ async fn status(State(daemon): State<Arc<Daemon>>) -> Json<Status> {
 
 fn session_body(managed: &Managed) -> SessionInfo {
     let end = managed.session.end_reason();
+    let published = managed.session.published();
     SessionInfo {
         id: managed.id.to_string(),
         name: managed.name.clone(),
@@ -401,6 +408,8 @@ fn session_body(managed: &Managed) -> SessionInfo {
             .map_or(0, |d| d.as_secs()),
         state: if end.is_some() { "ended" } else { "running" }.into(),
         end_reason: end.map(|r| r.to_string()),
+        network: managed.networked,
+        published: published.iter().map(ports::info).collect(),
     }
 }
 
@@ -534,6 +543,9 @@ async fn create_session(
     }
     config.timeout = request.timeout_s.map(Duration::from_secs);
     config.idle_timeout = request.idle_timeout_s.map(Duration::from_secs);
+    if let Some(network) = &request.network {
+        config.network = ports::network(network)?;
+    }
     let managed = blocking(move || {
         daemon
             .manager

@@ -14,6 +14,7 @@ mod events;
 mod files;
 mod listener;
 mod openapi;
+mod ports;
 mod stdin;
 mod tcp;
 
@@ -151,7 +152,12 @@ fn serve(args: Args) -> anyhow::Result<()> {
             ..vmette::images::Settings::default()
         },
     );
-    let daemon = api::Daemon::new(Manager::new(engine, Box::new(images), limits));
+    let daemon = api::Daemon::new(Manager::new(
+        engine,
+        Box::new(images),
+        Box::new(vmette::net::UserNetwork),
+        limits,
+    ));
     // Made now, filled by pause and resume later; a restart never clears it.
     if let Some(state) = vmette_api::state_dir() {
         use std::os::unix::fs::DirBuilderExt;

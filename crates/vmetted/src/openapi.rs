@@ -64,6 +64,7 @@ pub fn base() -> OpenApi {
             (name = "sessions", description = "Sessions: one running microVM each."),
             (name = "execs", description = "Commands in a session, their output, stdin, signals and terminal."),
             (name = "files", description = "A session's files and trees."),
+            (name = "ports", description = "Guest TCP ports a session publishes on the host, added and closed while it runs."),
         ),
     )]
     struct Base;
@@ -227,6 +228,9 @@ pub struct SessionPath;
 /// `{id}` and `{exec}` in a route's path: an exec of a session.
 pub struct ExecPath;
 
+/// `{id}` and `{port}` in a route's path: a published port of a session.
+pub struct PortPath;
+
 /// `?path=`: the guest path a file route works on.
 pub struct GuestPath;
 
@@ -273,6 +277,19 @@ impl IntoParams for ExecPath {
         vec![
             session_id(),
             path_parameter("exec", "The exec's id within the session.", exec),
+        ]
+    }
+}
+
+impl IntoParams for PortPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let port = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(1))
+            .maximum(Some(65535));
+        vec![
+            session_id(),
+            path_parameter("port", "The host port the session publishes on.", port),
         ]
     }
 }

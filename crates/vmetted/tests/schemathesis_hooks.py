@@ -4,9 +4,11 @@ A fuzzed session never gets host paths or an image. The description allows
 them, and so would schemathesis: a session whose rootfs is the host's `/`,
 writable, followed by a fuzzed `DELETE …/files?path=/x&recursive=true` on
 it, would delete the test machine's files; a fuzzed image name would be
-pulled from Docker Hub, and the tests contact nothing off loopback. So
-every request that creates a session loses its `shares`, `disks`, `rootfs`
-and `image` before it is sent, whatever phase made it. A case meant to be
+pulled from Docker Hub, and the tests contact nothing off loopback; a
+fuzzed network would publish ports on any host address and let a fuzzed
+command reach outward. So every request that creates a session loses its
+`shares`, `disks`, `rootfs`, `image` and `network` before it is sent,
+whatever phase made it. A case meant to be
 refused gets an invalid value in their place instead, so that removing
 them cannot make it valid.
 """
@@ -15,7 +17,7 @@ import json
 
 import schemathesis
 
-HOST_PATHS = ("shares", "disks", "rootfs", "image")
+HOST_PATHS = ("shares", "disks", "rootfs", "image", "network")
 # What stands for a host path in a case meant to be refused: still invalid
 # (each field wants an array or an object), so the case stays negative.
 REFUSED = 0

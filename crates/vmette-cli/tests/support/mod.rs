@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod netlab;
 pub mod registry;
 pub mod store;
 

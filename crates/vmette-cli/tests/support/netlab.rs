@@ -1,0 +1,275 @@
+//! The network tests' own little internet, where no packet can leave this
+//! machine even when the stack is broken.
+//!
+//! vmette runs in a network namespace of its own (`…v`) whose only route
+//! leads to a second namespace (`…w`) over a veth pair. There, on
+//! 198.18.0.0/15 (a benchmarking range, not one the stack denies), are the
+//! test hosts: a web server on 198.18.0.10:80 and a DNS server on
+//! 198.18.0.53 that logs every query. Every other address a test names
+//! (9.9.9.9, 1.1.1.1, 10.0.0.1, 169.254.169.254, …) is routed there too,
+//! where a watcher logs every packet that arrives, so its log proves what
+//! reached nothing. `ip netns exec` also puts this lab's `resolv.conf` and
+//! `hosts` over the host's for vmette, so the stack's default resolver
+//! path asks the lab's DNS server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The web server.
+pub const WEB: &str = "198.18.0.10";
+/// The DNS server.
+pub const DNS: &str = "198.18.0.53";
+
+pub struct NetLab {
+    name: String,
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip (iproute2)");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+impl NetLab {
+    /// Builds the namespaces and starts the test hosts. Needs root.
+    pub fn new() -> NetLab {
+        assert!(
+            nix_is_root(),
+            "the network tests build network namespaces and need root"
+        );
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("vmt{}x{n}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix("vmette-netlab-")
+            .tempdir()
+            .expect("lab directory");
+        let lab = NetLab {
+            name,
+            dir,
+            children: Vec::new(),
+        };
+        lab.build();
+        lab
+    }
+
+    pub fn vm_ns(&self) -> String {
+        format!("{}v", self.name)
+    }
+
+    fn world_ns(&self) -> String {
+        format!("{}w", self.name)
+    }
+
+    fn build(&self) {
+        let (vm, world) = (self.vm_ns(), self.world_ns());
+        let (a, b) = (format!("{}a", self.name), format!("{}b", self.name));
+        ip(&["netns", "add", &vm]);
+        ip(&["netns", "add", &world]);
+        ip(&[
+            "link", "add", &a, "netns", &vm, "type", "veth", "peer", "name", &b, "netns", &world,
+        ]);
+        let in_vm = |args: &[&str]| {
+            let mut all = vec!["-n", vm.as_str()];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        let in_world = |args: &[&str]| {
+            let mut all = vec!["-n", world.as_str()];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        in_vm(&["link", "set", "lo", "up"]);
+        in_vm(&["link", "set", &a, "up"]);
+        in_vm(&["addr", "add", "198.18.0.1/24", "dev", &a]);
+        in_vm(&["route", "add", "default", "via", "198.18.0.2"]);
+        in_world(&["link", "set", "lo", "up"]);
+        in_world(&["link", "set", &b, "up"]);
+        in_world(&["addr", "add", "198.18.0.2/24", "dev", &b]);
+        for host in [WEB, DNS] {
+            in_world(&["addr", "add", &format!("{host}/32"), "dev", &b]);
+        }
+        // The lab's resolver files, which `ip netns exec` mounts over the
+        // host's for vmette.
+        let etc = Path::new("/etc/netns").join(&vm);
+        std::fs::create_dir_all(&etc).expect("/etc/netns");
+        std::fs::write(etc.join("resolv.conf"), format!("nameserver {DNS}\n"))
+            .expect("resolv.conf");
+        std::fs::write(
+            etc.join("hosts"),
+            format!("127.0.0.1 localhost\n{WEB} files.test\n"),
+        )
+        .expect("hosts");
+    }
+
+    /// Starts the test hosts: the watcher, the DNS server, the web server
+    /// serving `web_root`.
+    pub fn start(mut self, web_root: &Path) -> NetLab {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/netlab.py");
+        let world = self.world_ns();
+        let watcher_log = self.path("watch.log");
+        let dns_log = self.path("dns.log");
+        let b = format!("{}b", self.name);
+        for (args, log) in [
+            (
+                vec![
+                    script.to_str().unwrap_or_default(),
+                    "watch",
+                    &b,
+                    watcher_log.to_str().unwrap_or_default(),
+                ],
+                &watcher_log,
+            ),
+            (
+                vec![
+                    script.to_str().unwrap_or_default(),
+                    "dns",
+                    DNS,
+                    dns_log.to_str().unwrap_or_default(),
+                ],
+                &dns_log,
+            ),
+        ] {
+            let child = self.in_ns(&world, "python3", &args);
+            self.children.push(child);
+            wait_for(|| std::fs::read_to_string(log).is_ok_and(|t| t.contains("ready")));
+        }
+        let web = self.in_ns(
+            &world,
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                WEB,
+                "--directory",
+                web_root.to_str().unwrap_or_default(),
+            ],
+        );
+        self.children.push(web);
+        self.wait_for_port(&world, WEB, 80);
+        self
+    }
+
+    /// Starts an HTTP server on the vmette namespace's loopback.
+    pub fn loopback_server(&mut self, port: u16, root: &Path) {
+        let vm = self.vm_ns();
+        let child = self.in_ns(
+            &vm,
+            "python3",
+            &[
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                root.to_str().unwrap_or_default(),
+            ],
+        );
+        self.children.push(child);
+        self.wait_for_port(&vm, "127.0.0.1", port);
+    }
+
+    fn in_ns(&self, ns: &str, program: &str, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a test host")
+    }
+
+    fn wait_for_port(&self, ns: &str, host: &str, port: u16) {
+        wait_for(|| {
+            Command::new("ip")
+                .args(["netns", "exec", ns, "python3", "-c"])
+                .arg(format!(
+                    "import socket; socket.create_connection(('{host}', {port}), 1)"
+                ))
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `command` run inside the vmette namespace.
+    pub fn wrap(&self, command: &Command) -> Command {
+        let mut wrapped = Command::new("ip");
+        wrapped
+            .args(["netns", "exec", &self.vm_ns()])
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        wrapped
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        wrapped
+    }
+
+    /// The names the DNS server was asked, in order.
+    pub fn dns_queries(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("dns.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l != "ready")
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every packet the world saw addressed to `address`.
+    pub fn packets_to(&self, address: &str) -> Vec<String> {
+        std::fs::read_to_string(self.path("watch.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.split(' ').nth(1) == Some(address))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn wait_for(mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(Instant::now() < deadline, "a test host did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+impl Drop for NetLab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [self.vm_ns(), self.world_ns()] {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&ns));
+        }
+    }
+}
