@@ -69,11 +69,12 @@ ip netns exec "$vm" "$vmette" run --net toolbox -- sh -c "$script" > "$work/vmet
 
 # passt with the guest's static configuration: 10.0.2.15/24, gateway
 # 10.0.2.2, vmette's MTU; IPv4 only, no DHCP, as the guest asks nothing.
-ip netns exec "$vm" passt -f -q -4 -s "$work/passt.sock" -a 10.0.2.15 -n 24 -g 10.0.2.2 \
-    -m 65520 --no-dhcp &
+# As root passt would become nobody, who cannot bind in the work directory.
+ip netns exec "$vm" passt -f -q -4 --runas 0 -s "$work/passt.sock" -a 10.0.2.15 -n 24 -g 10.0.2.2 \
+    -m 65520 --no-dhcp > "$work/passt.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/passt.sock" ] && break; sleep 0.1; done
-[ -S "$work/passt.sock" ] || { echo "bench-net: passt did not start" >&2; exit 1; }
+[ -S "$work/passt.sock" ] || { cat "$work/passt.log" >&2; echo "bench-net: passt did not start" >&2; exit 1; }
 VMETTE_QEMU_NETDEV="stream,server=off,addr.type=unix,addr.path=$work/passt.sock" \
     ip netns exec "$vm" "$vmette" run --net toolbox -- sh -c "$script" > "$work/passt.out"
 

@@ -5,7 +5,8 @@
 #   formatting and lints; the macOS engine type-checked from Linux and the
 #   arm64 guest agent built; unit tests; end-to-end tests on real microVMs
 #   (including runs as an unprivileged user); a check that nothing was left
-#   running or lying around; and short start-up and image benchmarks.
+#   running or lying around; and short start-up, image and network
+#   benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,3 +92,6 @@ scripts/bench.sh 5
 
 say "image benchmark (short; scripts/bench-images.sh 10 for figures)"
 scripts/bench-images.sh 2
+
+say "network benchmark against passt (short; scripts/bench-net.sh 10 for figures)"
+scripts/bench-net.sh 2

@@ -42,6 +42,8 @@ pub const UDP_FLOWS_LIMIT: usize = 256;
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// How long a host connection may take before the guest gets a reset.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long smoltcp waits for the guest to acknowledge what it sent.
+const TCP_PATIENCE: Duration = Duration::from_secs(60);
 /// Guest to host: what smoltcp buffers of a connection's incoming bytes.
 const TCP_RX_BUFFER: usize = 256 << 10;
 /// Host to guest: what smoltcp keeps in flight and queued.
@@ -518,7 +520,7 @@ impl Stack {
                     },
                     None,
                 );
-                self.open_socket(id, held.frame);
+                self.open_socket(id, held);
             }
             Verdict::Connect(target) => match connect_nonblocking(target) {
                 Ok(stream) => {
@@ -569,27 +571,27 @@ impl Stack {
     /// Gives flow `id` a smoltcp socket listening on the SYN's destination
     /// and hands smoltcp the SYN at once: no other socket listens on that
     /// endpoint while this one does, so the SYN reaches this socket alone.
-    fn open_socket(&mut self, id: FlowId, syn: Vec<u8>) {
+    fn open_socket(&mut self, id: FlowId, syn: HeldSyn) {
         let Some(flow) = self.tcp.get(&id) else {
             return;
         };
-        let (FlowKind::Outbound((_, destination))
-        | FlowKind::Dns {
-            key: (_, destination),
-            ..
-        }) = flow.kind
-        else {
+        let (FlowKind::Outbound(key) | FlowKind::Dns { key, .. }) = flow.kind else {
             return;
         };
         let mut socket = new_tcp_socket();
-        if socket.listen(destination).is_err() {
+        // smoltcp refuses port 0; the guest gets a reset, as from a host.
+        if socket.listen(key.1).is_err() {
+            self.tcp.remove(&id);
+            self.tcp_keys.remove(&key);
+            self.frames
+                .push(wire::reset_syn(key.1, key.0, syn.seq, syn.len));
             return;
         }
         let handle = self.sockets.add(socket);
         if let Some(flow) = self.tcp.get_mut(&id) {
             flow.socket = Some(handle);
         }
-        self.frames.rx.push_back(syn);
+        self.frames.rx.push_back(syn.frame);
         self.iface.poll(now(), &mut self.frames, &mut self.sockets);
     }
 
@@ -602,7 +604,7 @@ impl Stack {
             match outcome {
                 Some(Ok(None)) if flags.contains(PollFlags::POLLOUT) => {
                     if let Some(held) = flow.held.take() {
-                        self.open_socket(id, held.frame);
+                        self.open_socket(id, held);
                     }
                 }
                 Some(Ok(None)) | None => {}
@@ -1080,6 +1082,11 @@ fn new_tcp_socket() -> tcp::Socket<'static> {
         tcp::SocketBuffer::new(vec![0; TCP_TX_BUFFER]),
     );
     socket.set_nagle_enabled(false);
+    // A peer that acknowledges nothing for this long (a published port's
+    // guest that never answers, a guest that stopped reading) is gone.
+    socket.set_timeout(Some(smoltcp::time::Duration::from_secs(
+        TCP_PATIENCE.as_secs(),
+    )));
     socket
 }
 
