@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Err(error) => return usage_error(&error),
     };
     init_logging(cli.quiet, cli.verbose);
+    vmette::process::raise_open_files_limit();
     let result = match cli.command {
         args::Command::Run(args) => run::run(*args, cli.quiet, cli.verbose),
         args::Command::Shell(mut args) => {

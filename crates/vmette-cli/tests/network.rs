@@ -187,8 +187,10 @@ fn nat_reaches_test_hosts_and_the_stack_answers_dns_everywhere() {
 #[test]
 fn the_host_private_ranges_and_rebinding_names_stay_out_of_reach() {
     let (mut lab, web, _) = lab();
-    lab.loopback_server(18080, web.path());
-    lab.loopback_server(18081, web.path());
+    lab.host_server("127.0.0.1", 18080, web.path());
+    lab.host_server("127.0.0.1", 18081, web.path());
+    // On every address of vmette's namespace, its own 198.18.0.1 included.
+    lab.host_server("0.0.0.0", 18082, web.path());
     let sandbox = Sandbox::new();
     let probe = |label: &str, url: &str| {
         format!("curl -sS -m 5 -o /dev/null {url} 2>/dev/null; echo {label}: $?; ")
@@ -201,6 +203,7 @@ fn the_host_private_ranges_and_rebinding_names_stay_out_of_reach() {
         probe("loop-name", "http://loop.test:18080/"),
         probe("meta-name", "http://meta.test/"),
         probe("private-name", "http://private.test/"),
+        probe("own-address", "http://198.18.0.1:18082/"),
         probe("web", "http://web.test/"),
     ]
     .concat();
@@ -226,6 +229,7 @@ fn the_host_private_ranges_and_rebinding_names_stay_out_of_reach() {
     assert_eq!(one(&out, "allowed"), "0", "{out}");
     assert_eq!(one(&out, "web"), "0", "{out}");
     for label in [
+        "own-address",
         "other-port",
         "metadata",
         "private",
@@ -324,6 +328,22 @@ fn published_ports_serve_the_host_with_or_without_outbound_access() {
     }
 }
 
+/// Stops the test's daemon however the test ends.
+struct StopsDaemon<'a> {
+    sandbox: &'a Sandbox,
+    runtime: &'a Path,
+}
+
+impl Drop for StopsDaemon<'_> {
+    fn drop(&mut self) {
+        let mut command = self.sandbox.command(&["daemon", "stop"]);
+        command.env("XDG_RUNTIME_DIR", self.runtime);
+        if let Ok(child) = command.spawn() {
+            let _ = support::wait_with_limit(child, support::RUN_LIMIT);
+        }
+    }
+}
+
 #[test]
 fn a_running_sandbox_publishes_and_closes_ports() {
     let (lab, _web, _) = lab();
@@ -337,6 +357,10 @@ fn a_running_sandbox_publishes_and_closes_ports() {
         command.env("XDG_RUNTIME_DIR", runtime.path());
         let child = lab.wrap(&command).spawn().expect("spawn vmette");
         support::wait_with_limit(child, support::RUN_LIMIT)
+    };
+    let _daemon = StopsDaemon {
+        sandbox: &sandbox,
+        runtime: runtime.path(),
     };
     let ok = |output: Output| -> String {
         assert_eq!(code(&output), 0, "{}", stderr(&output));

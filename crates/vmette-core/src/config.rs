@@ -374,6 +374,16 @@ fn validate_nat(nat: &crate::Nat) -> Result<(), Error> {
     if nat.host_ports.contains(&0) {
         return invalid("host port", "must be 1 to 65535");
     }
+    if let Some(server) = nat.dns {
+        let ip = server.ip();
+        if server.port() == 0
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || ip == std::net::Ipv4Addr::BROADCAST
+        {
+            return invalid("dns", format!("{server} is not a DNS server's address"));
+        }
+    }
     Ok(())
 }
 

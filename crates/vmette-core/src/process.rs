@@ -305,6 +305,19 @@ pub fn spawn_tool(command: &mut Command) -> io::Result<Child> {
     spawn_from_lasting_thread(command)
 }
 
+/// Raises this process's soft limit on open files to its hard limit. A
+/// VM's network holds a host socket per guest connection, and a daemon
+/// serves many VMs, so the usual soft limit of 1024 is soon reached; the
+/// hard limit is what the administrator allows. Best effort.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 /// Spawns `command` as a helper of the run that `watchdog` guards: in its
 /// own process group (so Ctrl-C on the terminal reaches vmette, which
 /// decides what the guest gets), with `PR_SET_PDEATHSIG`, and registered

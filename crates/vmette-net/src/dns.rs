@@ -163,6 +163,12 @@ impl Dns {
         if !from_hosts.is_empty() {
             return self.answer_from_hosts(reply, question, &asked, from_hosts);
         }
+        // A guest that may open nothing gets no recursion either: a query
+        // that leaves the host is a channel out, whatever it asks.
+        if !self.policy.outbound {
+            reply.metadata.response_code = ResponseCode::NXDomain;
+            return reply;
+        }
         match self.ask_upstreams(question) {
             Some(upstream) => self.filtered(reply, question, &asked, upstream),
             None => {

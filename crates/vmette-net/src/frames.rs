@@ -58,6 +58,16 @@ impl Frames {
         !self.tx.is_empty()
     }
 
+    /// Whether smoltcp may queue another frame to the guest.
+    pub fn has_tx_room(&self) -> bool {
+        self.tx.len() < TX_QUEUE
+    }
+
+    /// Whether every frame from the guest has been handed to smoltcp.
+    pub fn rx_drained(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// Whether the loop may read more frames from the guest.
     pub fn has_room(&self) -> bool {
         self.rx.len() < RX_QUEUE

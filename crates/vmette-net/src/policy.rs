@@ -3,7 +3,7 @@
 //! through [`Policy::decide`] before the stack opens anything on the host.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
 use crate::cidr::{denied, DeniedRange};
 
@@ -45,6 +45,9 @@ pub enum Denial {
     Range(&'static DeniedRange),
     /// A port of the host's loopback that was not opened to the guest.
     HostPort(u16),
+    /// One of the host's own addresses, whose services are not the
+    /// guest's to reach.
+    HostAddress,
 }
 
 impl fmt::Display for Denial {
@@ -56,6 +59,7 @@ impl fmt::Display for Denial {
                 f,
                 "port {port} of the host was not opened to the guest (--allow-host-port)"
             ),
+            Denial::HostAddress => f.write_str("it is an address of the host itself"),
         }
     }
 }
@@ -89,10 +93,13 @@ impl Policy {
         if !self.outbound {
             return Verdict::Deny(Denial::NoOutbound);
         }
-        match denied(ip.into()) {
-            Some(range) => Verdict::Deny(Denial::Range(range)),
-            None => Verdict::Connect(destination.into()),
+        if let Some(range) = denied(ip.into()) {
+            return Verdict::Deny(Denial::Range(range));
         }
+        if is_host_address(ip) {
+            return Verdict::Deny(Denial::HostAddress);
+        }
+        Verdict::Connect(destination.into())
     }
 
     /// Whether an address a DNS answer names may be handed to the guest:
@@ -101,6 +108,20 @@ impl Policy {
     pub fn answerable(&self, ip: Ipv4Addr) -> bool {
         denied(ip.into()).is_none()
     }
+}
+
+/// Whether `ip` is one of the host's own addresses, on any interface: a
+/// connection there reaches the host's services (everything bound to
+/// 0.0.0.0), from the host itself, past any firewall for incoming traffic.
+/// The kernel says: a UDP connect sends nothing, and the source address
+/// it picks for a local destination is that destination.
+pub fn is_host_address(ip: Ipv4Addr) -> bool {
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|probe| {
+            probe.connect((ip, 9))?;
+            probe.local_addr()
+        })
+        .is_ok_and(|local| local.ip() == std::net::IpAddr::V4(ip))
 }
 
 #[cfg(test)]
@@ -168,6 +189,8 @@ mod tests {
             Verdict::Deny(Denial::NoOutbound)
         );
         assert!(!closed.answerable(Ipv4Addr::LOCALHOST));
+        assert!(is_host_address(Ipv4Addr::LOCALHOST));
+        assert!(!is_host_address(Ipv4Addr::new(198, 18, 0, 1)));
         assert!(closed.answerable(Ipv4Addr::new(198, 18, 0, 1)));
     }
 }

@@ -48,6 +48,8 @@ const TCP_PATIENCE: Duration = Duration::from_secs(60);
 const TCP_RX_BUFFER: usize = 256 << 10;
 /// Host to guest: what smoltcp keeps in flight and queued.
 const TCP_TX_BUFFER: usize = 512 << 10;
+/// The longest a DNS-over-TCP connection from the guest stays open.
+const DNS_TCP_PATIENCE: Duration = Duration::from_secs(30);
 /// DNS queries waiting for a worker at most; more are dropped (the guest
 /// asks again).
 const DNS_QUEUE: usize = 64;
@@ -111,6 +113,7 @@ enum FlowKind {
         inbox: Vec<u8>,
         outbox: Vec<u8>,
         asked: bool,
+        opened: Instant,
     },
 }
 
@@ -122,6 +125,9 @@ struct TcpFlow {
     /// The guest's SYN, held until the host connection is up: the frame,
     /// its sequence number and payload length, and when it came.
     held: Option<HeldSyn>,
+    /// The host side is up (or there is none): the held SYN may go to
+    /// smoltcp.
+    connected: bool,
     host_readable: bool,
     host_write_blocked: bool,
     host_eof: bool,
@@ -159,7 +165,8 @@ enum ReplyTo {
 }
 
 struct DnsDone {
-    answer: Vec<u8>,
+    /// `None` for bytes that were not a query the stack answers.
+    answer: Option<Vec<u8>>,
     reply_to: ReplyTo,
 }
 
@@ -298,11 +305,16 @@ impl Stack {
     }
 
     fn turn(&mut self) -> io::Result<()> {
-        let delay = self
+        let mut delay = self
             .iface
             .poll_delay(now(), &self.sockets)
             .map_or(HOUSEKEEPING, |d| Duration::from_micros(d.total_micros()))
             .min(HOUSEKEEPING);
+        // smoltcp's "now" cannot be acted on while no frame to the guest
+        // fits; the frame socket's POLLOUT wakes the loop once one does.
+        if !self.frames.has_tx_room() {
+            delay = HOUSEKEEPING;
+        }
         for (target, flags) in self.wait(delay)? {
             self.ready(target, flags)?;
         }
@@ -310,6 +322,7 @@ impl Stack {
         self.take_dns_answers();
         self.expire();
         self.iface.poll(now(), &mut self.frames, &mut self.sockets);
+        self.open_connected();
         self.pump();
         self.iface.poll(now(), &mut self.frames, &mut self.sockets);
         self.reap();
@@ -345,7 +358,11 @@ impl Stack {
         for (id, flow) in &self.tcp {
             let Some(host) = &flow.host else { continue };
             let flags = if flow.held.is_some() {
-                PollFlags::POLLOUT
+                if flow.connected {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::POLLOUT
+                }
             } else {
                 let mut flags = PollFlags::empty();
                 if !flow.host_eof && self.has_send_room(flow) {
@@ -429,7 +446,13 @@ impl Stack {
         let Ok(ethernet) = EthernetFrame::new_checked(frame) else {
             return;
         };
+        // smoltcp drops what is not for its MAC; the classifier does first,
+        // so that nothing it lets through is dropped behind its back.
+        let to_gateway = ethernet.dst_addr() == EthernetAddress(GATEWAY_MAC);
+        let broadcast = ethernet.dst_addr() == EthernetAddress::BROADCAST;
         match ethernet.ethertype() {
+            EthernetProtocol::Arp if !to_gateway && !broadcast => {}
+            EthernetProtocol::Ipv4 if !to_gateway => {}
             EthernetProtocol::Arp => {
                 // Every address answers to ARP (any_ip), except the
                 // guest's own, which the guest must not find taken.
@@ -472,6 +495,9 @@ impl Stack {
             return;
         };
         if !segment.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()) {
+            return;
+        }
+        if segment.src_port() == 0 {
             return;
         }
         let destination = SocketAddrV4::new(ip.dst_addr(), segment.dst_port());
@@ -517,10 +543,14 @@ impl Stack {
                         inbox: Vec::new(),
                         outbox: Vec::new(),
                         asked: false,
+                        opened: Instant::now(),
                     },
                     None,
                 );
-                self.open_socket(id, held);
+                if let Some(flow) = self.tcp.get_mut(&id) {
+                    flow.held = Some(held);
+                    flow.connected = true;
+                }
             }
             Verdict::Connect(target) => match connect_nonblocking(target) {
                 Ok(stream) => {
@@ -559,6 +589,7 @@ impl Stack {
                 socket: None,
                 host,
                 held: None,
+                connected: false,
                 host_readable: false,
                 host_write_blocked: false,
                 host_eof: false,
@@ -568,31 +599,57 @@ impl Stack {
         id
     }
 
-    /// Gives flow `id` a smoltcp socket listening on the SYN's destination
-    /// and hands smoltcp the SYN at once: no other socket listens on that
-    /// endpoint while this one does, so the SYN reaches this socket alone.
-    fn open_socket(&mut self, id: FlowId, syn: HeldSyn) {
-        let Some(flow) = self.tcp.get(&id) else {
-            return;
-        };
-        let (FlowKind::Outbound(key) | FlowKind::Dns { key, .. }) = flow.kind else {
-            return;
-        };
-        let mut socket = new_tcp_socket();
-        // smoltcp refuses port 0; the guest gets a reset, as from a host.
-        if socket.listen(key.1).is_err() {
-            self.tcp.remove(&id);
-            self.tcp_keys.remove(&key);
-            self.frames
-                .push(wire::reset_syn(key.1, key.0, syn.seq, syn.len));
-            return;
-        }
-        let handle = self.sockets.add(socket);
-        if let Some(flow) = self.tcp.get_mut(&id) {
+    /// Opens the flows whose host side is up, one SYN at a time: each
+    /// gets a smoltcp socket listening on its destination, and the SYN is
+    /// handed over when smoltcp will process it at once (nothing else
+    /// queued, room for the SYN-ACK). So no two sockets ever listen on one
+    /// endpoint, and a SYN cannot reach another flow's socket. A SYN that
+    /// smoltcp drops anyway leaves its socket listening; that flow is
+    /// refused and forgotten.
+    fn open_connected(&mut self) {
+        let ready: Vec<FlowId> = self
+            .tcp
+            .iter()
+            .filter(|(_, flow)| flow.connected && flow.held.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            if !self.frames.rx_drained() || !self.frames.has_tx_room() {
+                return;
+            }
+            let Some(flow) = self.tcp.get_mut(&id) else {
+                continue;
+            };
+            let key = match &flow.kind {
+                FlowKind::Outbound(key) | FlowKind::Dns { key, .. } => *key,
+                FlowKind::Published(_) => continue,
+            };
+            let Some(held) = flow.held.take() else {
+                continue;
+            };
+            let mut socket = new_tcp_socket();
+            // smoltcp refuses port 0; the guest gets a reset, as from a host.
+            if socket.listen(key.1).is_err() {
+                self.refuse_flow(id, key, &held);
+                continue;
+            }
+            let handle = self.sockets.add(socket);
             flow.socket = Some(handle);
+            self.frames.rx.push_back(held.frame.clone());
+            self.iface.poll(now(), &mut self.frames, &mut self.sockets);
+            if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+                self.sockets.remove(handle);
+                self.refuse_flow(id, key, &held);
+            }
         }
-        self.frames.rx.push_back(syn.frame);
-        self.iface.poll(now(), &mut self.frames, &mut self.sockets);
+    }
+
+    /// Forgets flow `id` and resets the guest's SYN.
+    fn refuse_flow(&mut self, id: FlowId, key: FlowKey, held: &HeldSyn) {
+        self.tcp.remove(&id);
+        self.tcp_keys.remove(&key);
+        self.frames
+            .push(wire::reset_syn(key.1, key.0, held.seq, held.len));
     }
 
     fn tcp_ready(&mut self, id: FlowId, flags: PollFlags) {
@@ -602,11 +659,7 @@ impl Stack {
         if flow.held.is_some() {
             let outcome = flow.host.as_ref().map(TcpStream::take_error);
             match outcome {
-                Some(Ok(None)) if flags.contains(PollFlags::POLLOUT) => {
-                    if let Some(held) = flow.held.take() {
-                        self.open_socket(id, held);
-                    }
-                }
+                Some(Ok(None)) if flags.contains(PollFlags::POLLOUT) => flow.connected = true,
                 Some(Ok(None)) | None => {}
                 Some(Ok(Some(error)) | Err(error)) => self.fail_connect(id, &error.to_string()),
             }
@@ -622,14 +675,16 @@ impl Stack {
 
     /// Refuses a held SYN with a reset and forgets its flow.
     fn fail_connect(&mut self, id: FlowId, why: &str) {
-        let Some(flow) = self.tcp.remove(&id) else {
+        let Some(flow) = self.tcp.get_mut(&id) else {
             return;
         };
-        if let (FlowKind::Outbound(key), Some(held)) = (&flow.kind, &flow.held) {
+        let key = match &flow.kind {
+            FlowKind::Outbound(key) | FlowKind::Dns { key, .. } => *key,
+            FlowKind::Published(_) => return,
+        };
+        if let Some(held) = flow.held.take() {
             tracing::debug!("TCP to {}: {why}; refused", key.1);
-            self.tcp_keys.remove(key);
-            self.frames
-                .push(wire::reset_syn(key.1, key.0, held.seq, held.len));
+            self.refuse_flow(id, key, &held);
         }
     }
 
@@ -663,14 +718,28 @@ impl Stack {
         }
     }
 
+    /// Queues a query for the workers; one that finds no room is dropped
+    /// (over UDP the guest asks again; a TCP connection is closed, since
+    /// its query would never be answered).
     fn ask_dns(&mut self, job: DnsJob) {
         if job.query.len() > QUERY_LIMIT {
             return;
         }
+        let reply_to = job.reply_to;
         if let Err(TrySendError::Full(_)) = self.dns_jobs.try_send(job) {
             if let Some(quiet) = self.dns_dropped.admit() {
                 tracing::warn!("the guest sends DNS queries faster than they are answered; dropping some ({quiet} more since the last message)");
             }
+            if let ReplyTo::Tcp(id) = reply_to {
+                self.abort_flow(id);
+            }
+        }
+    }
+
+    /// Resets a flow's connection to the guest; `reap` forgets it.
+    fn abort_flow(&mut self, id: FlowId) {
+        if let Some(handle) = self.tcp.get(&id).and_then(|flow| flow.socket) {
+            self.sockets.get_mut::<tcp::Socket>(handle).abort();
         }
     }
 
@@ -840,20 +909,24 @@ impl Stack {
         while let Ok(done) = self.dns_done.try_recv() {
             match done.reply_to {
                 ReplyTo::Udp { server, port } => {
-                    if done.answer.len() <= usize::from(MTU) - 28 {
-                        self.frames
-                            .push(wire::udp_to_guest(server, port, &done.answer));
+                    if let Some(answer) = done.answer.filter(|a| a.len() <= usize::from(MTU) - 28) {
+                        self.frames.push(wire::udp_to_guest(server, port, &answer));
                     }
                 }
                 ReplyTo::Tcp(id) => {
-                    if let Some(FlowKind::Dns { outbox, asked, .. }) =
-                        self.tcp.get_mut(&id).map(|flow| &mut flow.kind)
-                    {
-                        if let Ok(len) = u16::try_from(done.answer.len()) {
+                    let Some(flow) = self.tcp.get_mut(&id) else {
+                        continue;
+                    };
+                    let answer = done
+                        .answer
+                        .and_then(|a| Some((u16::try_from(a.len()).ok()?, a)));
+                    match (&mut flow.kind, answer) {
+                        (FlowKind::Dns { outbox, asked, .. }, Some((len, answer))) => {
                             outbox.extend_from_slice(&len.to_be_bytes());
-                            outbox.extend_from_slice(&done.answer);
+                            outbox.extend_from_slice(&answer);
+                            *asked = false;
                         }
-                        *asked = false;
+                        _ => self.abort_flow(id),
                     }
                 }
             }
@@ -874,6 +947,18 @@ impl Stack {
             .collect();
         for id in late {
             self.fail_connect(id, "the host did not answer in time");
+        }
+        // A DNS connection is a few queries; one that lingers holds a slot.
+        let stale: Vec<FlowId> = self
+            .tcp
+            .iter()
+            .filter(|(_, flow)| {
+                matches!(flow.kind, FlowKind::Dns { opened, .. } if now >= opened + DNS_TCP_PATIENCE)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.abort_flow(id);
         }
         self.udp.retain(|_, flow| now < flow.last_used + UDP_IDLE);
     }
@@ -978,10 +1063,12 @@ fn pump_host(socket: &mut tcp::Socket<'_>, host: HostSide<'_>) {
     let Some(stream) = host.stream else {
         return;
     };
-    if !socket.is_open()
-        || socket.state() == tcp::State::SynSent
-        || socket.state() == tcp::State::SynReceived
-    {
+    // Until the handshake is done there is nothing to move, and no close
+    // to pass on.
+    if matches!(
+        socket.state(),
+        tcp::State::Closed | tcp::State::Listen | tcp::State::SynSent | tcp::State::SynReceived
+    ) {
         return;
     }
     while *host.readable
@@ -1062,7 +1149,9 @@ fn pump_dns(
             socket.abort();
             return None;
         }
-        if !*asked && inbox.len() >= 2 + len {
+        // One query at a time, and the next only once the answer is out:
+        // a guest that asks without reading holds one answer, no more.
+        if !*asked && outbox.is_empty() && inbox.len() >= 2 + len {
             let query = inbox[2..2 + len].to_vec();
             inbox.drain(..2 + len);
             *asked = true;
@@ -1134,19 +1223,23 @@ fn start_dns_workers(
                     Ok(job) => job,
                     Err(_) => return,
                 };
-                if let Some(answer) = dns.answer(&job.query, job.carrier) {
-                    if done_tx
-                        .send(DnsDone {
-                            answer,
-                            reply_to: job.reply_to,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                    waker.wake();
+                // Always an outcome, so a connection waiting for one is
+                // never left waiting: no answer closes it.
+                let answer = dns.answer(&job.query, job.carrier);
+                if done_tx
+                    .send(DnsDone {
+                        answer,
+                        reply_to: job.reply_to,
+                    })
+                    .is_err()
+                {
+                    return;
                 }
+                waker.wake();
             })?;
     }
     Ok((jobs_tx, done))
 }
+
+#[cfg(test)]
+mod tests;

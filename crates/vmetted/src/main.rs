@@ -97,6 +97,7 @@ fn main() -> ExitCode {
             }
         };
     }
+    vmette::process::raise_open_files_limit();
     let level = match args.verbose {
         0 => "warn",
         1 => "info",

@@ -157,8 +157,9 @@ impl NetLab {
         self
     }
 
-    /// Starts an HTTP server on the vmette namespace's loopback.
-    pub fn loopback_server(&mut self, port: u16, root: &Path) {
+    /// Starts an HTTP server in the vmette namespace, on `bind` (its
+    /// loopback, or 0.0.0.0 for every address the namespace has).
+    pub fn host_server(&mut self, bind: &str, port: u16, root: &Path) {
         let vm = self.vm_ns();
         let child = self.in_ns(
             &vm,
@@ -168,7 +169,7 @@ impl NetLab {
                 "http.server",
                 &port.to_string(),
                 "--bind",
-                "127.0.0.1",
+                bind,
                 "--directory",
                 root.to_str().unwrap_or_default(),
             ],
