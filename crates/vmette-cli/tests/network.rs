@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use support::netlab::{NetLab, DNS, WEB};
+use support::netlab::{NetLab, DNS, UDP_ECHO, WEB};
 use support::{code, stderr, stdout, Sandbox};
 
 const BIG: usize = 100 << 20;
@@ -122,14 +122,22 @@ fn nat_reaches_test_hosts_and_the_stack_answers_dns_everywhere() {
         \x20       s.recvfrom(1024); return 'reply'\n\
         \x20   except socket.timeout:\n\
         \x20       return 'none'\n\
-        print('ping-gateway:', ping('10.0.2.2')); print('ping-web:', ping(sys.argv[1]))\n";
+        print('ping-gateway:', ping('10.0.2.2')); print('ping-web:', ping(sys.argv[1]))\n\
+        def udp(host):\n\
+        \x20   u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); u.settimeout(3)\n\
+        \x20   u.sendto(b'over udp',(host,int(sys.argv[2])))\n\
+        \x20   try:\n\
+        \x20       return u.recv(100).decode()\n\
+        \x20   except socket.timeout:\n\
+        \x20       return 'none'\n\
+        print('udp-web:', udp(sys.argv[1])); print('udp-private:', udp('10.0.0.1'))\n";
     let script = format!(
         "echo by-ip: $(curl -sS -m 10 http://{WEB}/); \
          echo by-name: $(curl -sS -m 10 http://web.test/); \
          echo from-hosts: $(curl -sS -m 10 http://files.test/); \
          echo dig-udp: $(dig +short +tries=1 +time=5 @9.9.9.9 alias.test | tr '\\n' ' '); \
          echo dig-tcp: $(dig +tcp +short +tries=1 +time=5 @1.1.1.1 web.test); \
-         python3 -c \"$PING\" {WEB}"
+         python3 -c \"$PING\" {WEB} {UDP_ECHO}"
     );
     let output = run_in(
         &lab,
@@ -159,6 +167,8 @@ fn nat_reaches_test_hosts_and_the_stack_answers_dns_everywhere() {
     assert_eq!(one(&out, "dig-tcp"), WEB, "{out}");
     assert_eq!(one(&out, "ping-gateway"), "reply", "{out}");
     assert_eq!(one(&out, "ping-web"), "none", "{out}");
+    assert_eq!(one(&out, "udp-web"), "echo:over udp", "{out}");
+    assert_eq!(one(&out, "udp-private"), "none", "{out}");
 
     let queries = lab.dns_queries();
     assert!(queries.contains(&"alias.test 1".to_string()), "{queries:?}");
@@ -169,7 +179,7 @@ fn nat_reaches_test_hosts_and_the_stack_answers_dns_everywhere() {
     );
     // AAAA (type 28) never leaves: the guest has no IPv6.
     assert!(!queries.iter().any(|q| q.ends_with(" 28")), "{queries:?}");
-    for stand_in in ["9.9.9.9", "1.1.1.1"] {
+    for stand_in in ["9.9.9.9", "1.1.1.1", "10.0.0.1"] {
         assert!(
             lab.packets_to(stand_in).is_empty(),
             "{stand_in}: {:?}",

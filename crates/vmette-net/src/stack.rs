@@ -697,6 +697,14 @@ impl Stack {
         }
         let destination = SocketAddrV4::new(ip.dst_addr(), datagram.dst_port());
         let key = (datagram.src_port(), destination);
+        // A flow that exists was allowed when it opened: the decision (and
+        // its look at the host's addresses) is once per flow, not per
+        // datagram.
+        if let Some(flow) = self.udp.get_mut(&key) {
+            flow.last_used = Instant::now();
+            let _ = flow.socket.send(datagram.payload());
+            return;
+        }
         match self.policy.decide(Transport::Udp, destination) {
             Verdict::Dns => {
                 let job = DnsJob {

@@ -3,6 +3,7 @@
 
   netlab.py dns ADDRESS LOG   a DNS server on ADDRESS:53 (UDP and TCP) that
                               answers the test names and logs every query
+  netlab.py echo ADDRESS PORT a UDP echo server
   netlab.py watch IFACE LOG   logs every IPv4 packet that arrives on IFACE
                               (the stand-in for every address the tests name
                               and expect nothing to reach)
@@ -98,6 +99,14 @@ def serve_dns(address, log):
     udp.serve_forever()
 
 
+def echo(address, port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, int(port)))
+    while True:
+        data, peer = sock.recvfrom(65535)
+        sock.sendto(b"echo:" + data, peer)
+
+
 def watch(iface, log):
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0800))
     sock.bind((iface, 0))
@@ -119,6 +128,8 @@ def watch(iface, log):
 if __name__ == "__main__":
     if sys.argv[1] == "dns":
         serve_dns(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "echo":
+        echo(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "watch":
         watch(sys.argv[2], sys.argv[3])
     else:

@@ -4,8 +4,8 @@
 //! vmette runs in a network namespace of its own (`…v`) whose only route
 //! leads to a second namespace (`…w`) over a veth pair. There, on
 //! 198.18.0.0/15 (a benchmarking range, not one the stack denies), are the
-//! test hosts: a web server on 198.18.0.10:80 and a DNS server on
-//! 198.18.0.53 that logs every query. Every other address a test names
+//! test hosts: a web server on 198.18.0.10:80 (with a UDP echo server on
+//! port 7007) and a DNS server on 198.18.0.53 that logs every query. Every other address a test names
 //! (9.9.9.9, 1.1.1.1, 10.0.0.1, 169.254.169.254, …) is routed there too,
 //! where a watcher logs every packet that arrives, so its log proves what
 //! reached nothing. `ip netns exec` also puts this lab's `resolv.conf` and
@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 pub const WEB: &str = "198.18.0.10";
 /// The DNS server.
 pub const DNS: &str = "198.18.0.53";
+/// The UDP echo server's port, on the web server's address.
+pub const UDP_ECHO: u16 = 7007;
 
 pub struct NetLab {
     name: String,
@@ -139,6 +141,17 @@ impl NetLab {
             self.children.push(child);
             wait_for(|| std::fs::read_to_string(log).is_ok_and(|t| t.contains("ready")));
         }
+        let echo = self.in_ns(
+            &world,
+            "python3",
+            &[
+                script.to_str().unwrap_or_default(),
+                "echo",
+                WEB,
+                &UDP_ECHO.to_string(),
+            ],
+        );
+        self.children.push(echo);
         let web = self.in_ns(
             &world,
             "python3",
