@@ -51,7 +51,12 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
         .nat()
         .map(|nat| nat.publish.clone())
         .unwrap_or_default();
-    let report = |published: &[vmette::PublishedPort]| report_published(&asked, published);
+    let report = |published: &[vmette::PublishedPort]| {
+        report_chosen(
+            asked.iter().map(|m| m.host_port),
+            published.iter().map(|p| (p.guest_port, p.host)),
+        )
+    };
     let mut runner = Runner::new(&*engine)
         .network(vmette::default_network())
         .on_published(&report)
@@ -148,14 +153,16 @@ pub fn network_from(args: &NetworkArgs) -> anyhow::Result<Network> {
     }))
 }
 
-/// Tells the user the host ports they asked vmette to pick.
-pub fn report_published(asked: &[vmette::PortMapping], published: &[vmette::PublishedPort]) {
-    for (mapping, port) in asked.iter().zip(published) {
-        if mapping.host_port == 0 {
-            eprintln!(
-                "vmette: guest port {} is published on {}",
-                port.guest_port, port.host
-            );
+/// Tells the user the host ports they asked vmette to pick: `asked` are
+/// the host ports of the mappings, `published` each one's guest port and
+/// host address, in the same order.
+pub fn report_chosen<A: std::fmt::Display>(
+    asked: impl IntoIterator<Item = u16>,
+    published: impl IntoIterator<Item = (u16, A)>,
+) {
+    for (host_port, (guest_port, address)) in asked.into_iter().zip(published) {
+        if host_port == 0 {
+            eprintln!("vmette: guest port {guest_port} is published on {address}");
         }
     }
 }

@@ -156,11 +156,8 @@ pub fn host_port(text: &str) -> Result<u16, String> {
 /// `IP` or `IP:PORT` (an IPv6 one as `[IP]:PORT`) of a DNS server; port 53
 /// unless given.
 pub fn dns_server(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, 53));
-    }
-    text.parse::<SocketAddr>()
-        .map_err(|_| format!("--dns expects IP or IP:PORT of a DNS server, not {text:?}"))
+    vmette::net::resolver::server_address(text)
+        .ok_or_else(|| format!("--dns expects IP or IP:PORT of a DNS server, not {text:?}"))
 }
 
 #[cfg(test)]

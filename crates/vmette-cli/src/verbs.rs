@@ -83,15 +83,13 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let client = Client::connect(true)?;
     let session: SessionInfo = client.json("POST", "/v1/sessions", Some(&request))?;
     let asked = request.network.map(|n| n.publish).unwrap_or_default();
-    for (mapping, port) in asked.iter().zip(&session.published) {
-        if mapping.host_port == 0 {
-            eprintln!(
-                "vmette: guest port {} is published on {}",
-                port.guest_port,
-                host_address(port)
-            );
-        }
-    }
+    crate::run::report_chosen(
+        asked.iter().map(|m| m.host_port),
+        session
+            .published
+            .iter()
+            .map(|p| (p.guest_port, host_address(p))),
+    );
     println!("{}", session.id);
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use vmette_proto::GuestNetwork;
 use crate::addressing::{guest_network, GATEWAY, GUEST_MAC, MTU};
 use crate::dns::{Bindings, Dns};
 use crate::frames::Frames;
+use crate::lock;
 use crate::policy::Policy;
 use crate::resolver::ResolverConfig;
 use crate::stack::{Command, Handle, Stack};
@@ -49,7 +50,6 @@ pub struct Attachment {
     engine_end: FrameSocket,
     handle: Handle,
     published: Mutex<Vec<PublishedPort>>,
-    bindings: Arc<Mutex<Bindings>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -74,7 +74,7 @@ impl Attachment {
 
         let (stack_end, engine_end) = frame_pair()?;
         let bindings = Arc::new(Mutex::new(Bindings::default()));
-        let dns = Dns::new(resolver, policy.clone(), Arc::clone(&bindings));
+        let dns = Dns::new(resolver, policy.clone(), bindings);
         let (stack, handle) = Stack::new(Frames::new(stack_end, MTU), policy, dns)?;
         let mut published = Vec::new();
         for (listener, mapping) in listeners {
@@ -97,14 +97,8 @@ impl Attachment {
             engine_end: FrameSocket(Arc::new(engine_end)),
             handle,
             published: Mutex::new(published),
-            bindings,
             thread: Some(thread),
         })
-    }
-
-    /// The addresses DNS answers gave the guest, with their names.
-    pub fn bindings(&self) -> &Mutex<Bindings> {
-        &self.bindings
     }
 }
 
@@ -150,10 +144,6 @@ fn frame_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
         let _ = socket::setsockopt(end, socket::sockopt::RcvBuf, &(4 << 20));
     }
     Ok((stack_end.into(), engine_end.into()))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl NetworkAttachment for Attachment {

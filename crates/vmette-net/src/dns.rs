@@ -11,8 +11,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -21,6 +21,7 @@ use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
 use crate::policy::Policy;
 use crate::resolver::{normalized_name, ResolverConfig};
+use crate::{connected_udp, lock};
 
 /// Largest query the stack reads from the guest, over UDP or TCP. A
 /// question is at most 255 bytes of name plus a header and an OPT record;
@@ -350,12 +351,7 @@ fn ask(upstream: SocketAddr, question: &Query, deadline: Instant) -> io::Result<
 }
 
 fn ask_udp(upstream: SocketAddr, query: &[u8], deadline: Instant) -> io::Result<Message> {
-    let local: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local)?;
-    socket.connect(upstream)?;
+    let socket = connected_udp(upstream)?;
     socket.send(query)?;
     let id = u16::from_be_bytes([query[0], query[1]]);
     let mut buffer = vec![0; usize::from(EDNS_UDP).max(4096)];
@@ -394,15 +390,12 @@ fn remaining(deadline: Instant) -> io::Result<Duration> {
     Ok(left)
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::resolver::Hosts;
     use hickory_proto::rr::Name;
+    use std::net::UdpSocket;
 
     fn policy() -> Policy {
         Policy {

@@ -38,3 +38,24 @@ pub use attachment::{AttachError, Attachment, UserNetwork};
 pub use cidr::{denied, BadCidr, Cidr, DeniedRange, DENIED};
 pub use policy::{Denial, Policy, Transport, Verdict};
 pub use stack::{TCP_FLOWS_LIMIT, UDP_FLOWS_LIMIT};
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// `mutex` locked; a holder that panicked left the data whole, since
+/// every change under these locks is one push or one insert.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A UDP socket on the wildcard address of `target`'s family, connected
+/// to `target` (which sends nothing, and lets only `target` answer).
+fn connected_udp(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    let wildcard: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(wildcard)?;
+    socket.connect(target)?;
+    Ok(socket)
+}

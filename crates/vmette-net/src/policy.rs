@@ -3,7 +3,7 @@
 //! through [`Policy::decide`] before the stack opens anything on the host.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::cidr::{denied, DeniedRange};
 
@@ -116,11 +116,8 @@ impl Policy {
 /// The kernel says: a UDP connect sends nothing, and the source address
 /// it picks for a local destination is that destination.
 pub fn is_host_address(ip: Ipv4Addr) -> bool {
-    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|probe| {
-            probe.connect((ip, 9))?;
-            probe.local_addr()
-        })
+    crate::connected_udp((ip, 9).into())
+        .and_then(|probe| probe.local_addr())
         .is_ok_and(|local| local.ip() == std::net::IpAddr::V4(ip))
 }
 

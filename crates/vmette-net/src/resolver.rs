@@ -84,6 +84,15 @@ impl Hosts {
     }
 }
 
+/// A DNS server as users name one: `IP` (port 53) or `IP:PORT` (an IPv6
+/// one as `[IP]:PORT`).
+pub fn server_address(text: &str) -> Option<SocketAddr> {
+    match text.parse::<IpAddr>() {
+        Ok(ip) => Some(SocketAddr::new(ip, 53)),
+        Err(_) => text.parse().ok(),
+    }
+}
+
 /// The nameservers of a `resolv.conf` text, in order, at most
 /// [`NAMESERVERS_LIMIT`], each on port 53. An IPv6 link-local server's
 /// zone (`fe80::1%eth0`) is not kept, so such a server is left out.

@@ -16,7 +16,7 @@ use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSo
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -32,6 +32,7 @@ use crate::dns::{Carrier, Dns, QUERY_LIMIT};
 use crate::frames::{Frames, ETHERNET_HEADER};
 use crate::policy::{Policy, Transport, Verdict};
 use crate::wire;
+use crate::{connected_udp, lock};
 
 /// Most TCP connections a guest has open at once (pending, open, closing,
 /// DNS and published ones together). Each holds two socket buffers.
@@ -233,10 +234,6 @@ pub struct Stack {
 
 fn now() -> smoltcp::time::Instant {
     smoltcp::time::Instant::now()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Stack {
@@ -759,12 +756,7 @@ impl Stack {
                 }
                 return;
             }
-            let opened = UdpSocket::bind(match target {
-                SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-                SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
-            })
-            .and_then(|socket| {
-                socket.connect(target)?;
+            let opened = connected_udp(target).and_then(|socket| {
                 socket.set_nonblocking(true)?;
                 Ok(socket)
             });
@@ -1012,15 +1004,11 @@ impl Stack {
     /// side of the rest as the guest's side closes.
     fn reap(&mut self) {
         let mut gone = Vec::new();
-        for (id, flow) in &mut self.tcp {
+        for (id, flow) in &self.tcp {
             let Some(handle) = flow.socket else {
                 continue;
             };
-            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-            if flow.host.is_none() && !matches!(flow.kind, FlowKind::Dns { .. }) {
-                socket.abort();
-            }
-            match socket.state() {
+            match self.sockets.get::<tcp::Socket>(handle).state() {
                 tcp::State::Closed | tcp::State::TimeWait => gone.push(*id),
                 _ => {}
             }
@@ -1064,6 +1052,18 @@ enum Moved {
     Failed,
 }
 
+/// What one read or write of a host socket came to, as smoltcp's
+/// `send` and `recv` closures report it: the bytes moved, and how.
+fn moved(result: io::Result<usize>) -> (usize, Moved) {
+    match result {
+        Ok(0) => (0, Moved::End),
+        Ok(n) => (n, Moved::Bytes),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Moved::Blocked),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Moved::Bytes),
+        Err(_) => (0, Moved::Failed),
+    }
+}
+
 /// Host to guest while the socket has room and the host has bytes; guest
 /// to host while the guest sent bytes and the host takes them; each end's
 /// close passed on to the other.
@@ -1084,13 +1084,7 @@ fn pump_host(socket: &mut tcp::Socket<'_>, host: HostSide<'_>) {
         && socket.may_send()
         && socket.send_queue() < socket.send_capacity()
     {
-        let moved = socket.send(|room| match stream.read(room) {
-            Ok(0) => (0, Moved::End),
-            Ok(n) => (n, Moved::Bytes),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Moved::Blocked),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Moved::Bytes),
-            Err(_) => (0, Moved::Failed),
-        });
+        let moved = socket.send(|room| moved(stream.read(room)));
         match moved {
             Ok(Moved::Bytes) => {}
             Ok(Moved::Blocked) => *host.readable = false,
@@ -1105,12 +1099,7 @@ fn pump_host(socket: &mut tcp::Socket<'_>, host: HostSide<'_>) {
         }
     }
     while !*host.write_blocked && socket.can_recv() {
-        let moved = socket.recv(|data| match stream.write(data) {
-            Ok(n) => (n, Moved::Bytes),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Moved::Blocked),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => (0, Moved::Bytes),
-            Err(_) => (0, Moved::Failed),
-        });
+        let moved = socket.recv(|data| moved(stream.write(data)));
         match moved {
             Ok(Moved::Bytes) => {}
             Ok(Moved::Blocked) => *host.write_blocked = true,

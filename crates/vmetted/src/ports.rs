@@ -32,10 +32,8 @@ pub fn network(request: &NetworkRequest) -> ApiResult<Network> {
         .dns
         .as_deref()
         .map(|text| {
-            text.parse::<IpAddr>()
-                .map(|ip| SocketAddr::new(ip, 53))
-                .or_else(|_| text.parse::<SocketAddr>())
-                .map_err(|_| invalid(format!("dns {text:?} is not IP or IP:PORT")))
+            vmette::net::resolver::server_address(text)
+                .ok_or_else(|| invalid(format!("dns {text:?} is not IP or IP:PORT")))
         })
         .transpose()?;
     Ok(Network::Nat(Nat {
