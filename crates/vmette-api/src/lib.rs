@@ -141,10 +141,34 @@ pub struct NetworkRequest {
     /// Let the guest open connections outward (NAT), except to loopback,
     /// private, link-local (cloud metadata), multicast and reserved
     /// addresses, which stay unreachable; names that resolve to them are
-    /// refused. Without it the guest reaches nothing, and only serves the
-    /// ports published.
+    /// refused. Without it (and without `allow_hosts` or `allow_cidrs`)
+    /// the guest reaches nothing, and only serves the ports published.
     #[serde(default)]
     pub outbound: bool,
+    /// Limits the guest's connections to these names (`NAME[:PORT]`;
+    /// `*.example.com` covers the names below example.com, not itself),
+    /// reached through the addresses the stack's DNS gave the guest for
+    /// them. Without a port: HTTP (80) and HTTPS (443), where the stack
+    /// reads the Host or the TLS server name of each connection and
+    /// connects to that name itself. Other names get NXDOMAIN. With
+    /// `allow_hosts` or `allow_cidrs`, egress goes only where they allow,
+    /// whatever `outbound` says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_items = 256, value_type = Vec<String>, example = json!(["pypi.org", "*.pythonhosted.org", "git.example.com:22"]))
+    )]
+    pub allow_hosts: Vec<String>,
+    /// Limits the guest's connections and UDP to these IPv4 ranges
+    /// (`ADDRESS[/PREFIX][:PORT]`; every port without one). A range the
+    /// stack otherwise denies (a private network) is reachable when named
+    /// here; the host's loopback never is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_items = 256, value_type = Vec<String>, example = json!(["203.0.113.0/24", "198.51.100.7:8080"]))
+    )]
+    pub allow_cidrs: Vec<String>,
     /// Guest TCP ports to publish on the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[cfg_attr(feature = "openapi", schema(max_items = 64))]
@@ -262,6 +286,34 @@ pub struct SessionInfo {
     /// The ports it publishes now.
     #[serde(default)]
     pub published: Vec<PublishedPortInfo>,
+    /// What the network stack refused the guest so far, by reason; only
+    /// for a session with a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<DeniedCounts>,
+}
+
+/// How many of a guest's connections, UDP flows and DNS queries the
+/// network stack refused, by reason: each counted once, however many
+/// packets it took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeniedCounts {
+    /// DNS queries for names not allowed, or over the size bound.
+    pub dns: u64,
+    /// Connections to addresses nothing allows.
+    pub ip: u64,
+    /// TLS connections whose ClientHello named no allowed server.
+    pub sni: u64,
+    /// HTTP requests for a host not allowed, or another host than the
+    /// connection's first request.
+    pub host: u64,
+    /// Connections to an allowed address on a port not opened.
+    pub port: u64,
+    /// UDP flows other than DNS that no range allows.
+    pub udp: u64,
+    /// DNS answers refused for naming only addresses the guest may not
+    /// reach (rebinding).
+    pub rebind: u64,
 }
 
 /// `DELETE /v1/sessions/{id}`.

@@ -328,6 +328,17 @@ pub struct NetworkArgs {
     /// private, link-local and metadata addresses.
     #[arg(long)]
     pub net: bool,
+    /// Let the guest reach only this name (and the other allowed ones):
+    /// HTTP and HTTPS to it unless a port is given, checked by its Host or
+    /// TLS server name; `*.example.com` covers the names below it. Gives
+    /// the guest a network. Repeatable.
+    #[arg(long, value_name = "NAME[:PORT]")]
+    pub allow_host: Vec<String>,
+    /// Let the guest reach only this IPv4 range (and the other allowed
+    /// ones), on every port, TCP and UDP, unless a port is given. Gives the
+    /// guest a network. Repeatable.
+    #[arg(long, value_name = "CIDR[:PORT]")]
+    pub allow_cidr: Vec<String>,
     /// Publish a guest TCP port on the host (127.0.0.1 unless HOST_IP is
     /// given; HOST_PORT 0 picks a free one). Without --net the guest still
     /// reaches nothing. Repeatable.

@@ -8,7 +8,10 @@ use std::sync::mpsc;
 use anyhow::{bail, Context};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use vmette::{Accel, Config, Nat, Network, OutputStream, Rootfs, RunStatus, Runner, Stdin};
+use vmette::{
+    Accel, AllowedCidr, AllowedHost, Allowlist, Config, Egress, Nat, Network, OutputStream, Rootfs,
+    RunStatus, Runner, Stdin,
+};
 
 use vmette::images::{Images, Settings};
 
@@ -93,6 +96,9 @@ pub fn run(args: RunArgs, quiet: bool, verbose: u8) -> anyhow::Result<ExitCode> 
     let output = output.map_err(|error| explain(error, verbose))?;
     drop(spinner);
 
+    if let Some(denials) = output.denials.filter(|d| verbose > 0 && d.total() > 0) {
+        eprintln!("vmette: refused by the network policy: {denials}");
+    }
     match &output.status {
         RunStatus::TimedOut if !quiet => {
             eprintln!("vmette: the command timed out; the VM was stopped.")
@@ -128,8 +134,8 @@ fn parse_each<T>(
         .map_err(anyhow::Error::msg)
 }
 
-/// The network the flags ask for: none without `--net`, `-p` or
-/// `--allow-host-port`.
+/// The network the flags ask for: none without `--net`, `--allow-host`,
+/// `--allow-cidr`, `-p` or `--allow-host-port`.
 pub fn network_from(args: &NetworkArgs) -> anyhow::Result<Network> {
     let publish = parse_each(&args.publish, values::publish)?;
     let host_ports = parse_each(&args.allow_host_port, values::host_port)?;
@@ -139,14 +145,29 @@ pub fn network_from(args: &NetworkArgs) -> anyhow::Result<Network> {
         .map(values::dns_server)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    if !args.net && publish.is_empty() && host_ports.is_empty() {
+    let hosts = parse_each(&args.allow_host, |text| {
+        text.parse::<AllowedHost>()
+            .map_err(|e| format!("--allow-host {e}"))
+    })?;
+    let cidrs = parse_each(&args.allow_cidr, |text| {
+        text.parse::<AllowedCidr>()
+            .map_err(|e| format!("--allow-cidr {e}"))
+    })?;
+    let egress = if !hosts.is_empty() || !cidrs.is_empty() {
+        Egress::Allowlist(Allowlist { hosts, cidrs })
+    } else if args.net {
+        Egress::Open
+    } else {
+        Egress::Closed
+    };
+    if egress.is_closed() && publish.is_empty() && host_ports.is_empty() {
         if dns.is_some() {
             bail!("--dns needs a network; add --net");
         }
         return Ok(Network::None);
     }
     Ok(Network::Nat(Nat {
-        outbound: args.net,
+        egress,
         host_ports,
         publish,
         dns,

@@ -100,8 +100,17 @@ fn network_request(args: &NetworkArgs) -> anyhow::Result<Option<vmette_api::Netw
     let vmette::Network::Nat(nat) = crate::run::network_from(args)? else {
         return Ok(None);
     };
+    let (allow_hosts, allow_cidrs) = match &nat.egress {
+        vmette::Egress::Allowlist(list) => (
+            list.hosts.iter().map(ToString::to_string).collect(),
+            list.cidrs.iter().map(ToString::to_string).collect(),
+        ),
+        vmette::Egress::Closed | vmette::Egress::Open => (Vec::new(), Vec::new()),
+    };
     Ok(Some(vmette_api::NetworkRequest {
-        outbound: nat.outbound,
+        outbound: !nat.egress.is_closed(),
+        allow_hosts,
+        allow_cidrs,
         publish: nat.publish.iter().map(port_request).collect(),
         host_ports: nat.host_ports,
         dns: nat.dns.map(|d| d.to_string()),

@@ -374,6 +374,18 @@ fn validate_nat(nat: &crate::Nat) -> Result<(), Error> {
     if nat.host_ports.contains(&0) {
         return invalid("host port", "must be 1 to 65535");
     }
+    if let crate::Egress::Allowlist(allowlist) = &nat.egress {
+        if allowlist.hosts.len() > crate::MAX_RULES || allowlist.cidrs.len() > crate::MAX_RULES {
+            return invalid(
+                "allowlist",
+                format!(
+                    "at most {} hosts and {} address ranges can be allowed",
+                    crate::MAX_RULES,
+                    crate::MAX_RULES
+                ),
+            );
+        }
+    }
     if let Some(server) = nat.dns {
         let ip = server.ip();
         if server.port() == 0
@@ -502,5 +514,16 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(field_of(&c), "host port");
+
+        c = Config::new(["true"]);
+        let rule: crate::AllowedHost = "example.com".parse().expect("rule");
+        c.network = crate::Network::Nat(crate::Nat {
+            egress: crate::Egress::Allowlist(crate::Allowlist {
+                hosts: vec![rule; crate::MAX_RULES + 1],
+                cidrs: Vec::new(),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(field_of(&c), "allowlist");
     }
 }

@@ -38,7 +38,8 @@ pub use image::{
     ExecDefaults, ImageConfig, ImageLease, ImageProvider, ResolvedImage, ResolvedRoot,
 };
 pub use network::{
-    Nat, Network, NetworkAttachment, NetworkError, NetworkProvider, PortMapping, PublishedPort,
+    AllowedCidr, AllowedHost, Allowlist, BadRule, DenialCounts, Egress, HostPattern, Nat, Network,
+    NetworkAttachment, NetworkError, NetworkProvider, PortMapping, PublishedPort, MAX_RULES,
 };
 pub use run::{PublishedReport, RunOutput, RunStatus, Runner};
 pub use session::{

@@ -9,7 +9,7 @@ use vmette_proto::{HostMessage, OutputStream, PtySize};
 
 use crate::control;
 use crate::session::{BootAbort, Capture, EndReason, ExecEvent, ExecSpec, ExecStatus, Session};
-use crate::{Config, Engine, Error, NetworkProvider, PublishedPort, Stdin};
+use crate::{Config, DenialCounts, Engine, Error, NetworkProvider, PublishedPort, Stdin};
 
 /// How long the command gets to react to a forwarded interrupt before the
 /// VM is torn down.
@@ -51,6 +51,8 @@ pub struct RunOutput {
     pub stdout_truncated: bool,
     /// Stderr exceeded the capture limit and was cut.
     pub stderr_truncated: bool,
+    /// What the network stack refused the guest, for a networked run.
+    pub denials: Option<DenialCounts>,
 }
 
 impl RunOutput {
@@ -230,6 +232,7 @@ impl<'a> Runner<'a> {
         };
         drop(exec);
 
+        let denials = session.denials();
         // A finished command gets a clean power-off, so that writes to
         // writable disks and shares are flushed; anything else is killed.
         if matches!(status, RunStatus::TimedOut | RunStatus::Interrupted(_)) {
@@ -238,7 +241,10 @@ impl<'a> Runner<'a> {
             session.stop();
         }
         tracing::debug!(elapsed = ?started.elapsed(), "run finished");
-        Ok(bare(status))
+        Ok(RunOutput {
+            denials,
+            ..bare(status)
+        })
     }
 }
 
@@ -276,6 +282,7 @@ fn bare(status: RunStatus) -> RunOutput {
         stderr: Vec::new(),
         stdout_truncated: false,
         stderr_truncated: false,
+        denials: None,
     }
 }
 

@@ -29,7 +29,9 @@ use vmette_proto::{
 use crate::control::{self, ControlSender, Event, Reserved, StdinWindow};
 use crate::engine::Vm;
 use crate::image::ExecDefaults;
-use crate::network::{NetworkAttachment, NetworkProvider, PortMapping, PublishedPort};
+use crate::network::{
+    DenialCounts, NetworkAttachment, NetworkProvider, PortMapping, PublishedPort,
+};
 use crate::process::Watchdog;
 use crate::{boot, Config, Engine, Error};
 
@@ -573,6 +575,12 @@ impl Session {
             .as_ref()
             .map(|n| n.published())
             .unwrap_or_default()
+    }
+
+    /// What the network stack refused the guest so far; `None` without a
+    /// network.
+    pub fn denials(&self) -> Option<DenialCounts> {
+        self.network.as_ref().map(|n| n.denials())
     }
 
     /// Starts a command. Many may run at once.

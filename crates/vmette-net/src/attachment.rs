@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use nix::sys::socket;
 use vmette_core::network::{FrameSocket, NicSpec};
-use vmette_core::{Nat, NetworkAttachment, NetworkError, PortMapping, PublishedPort};
+use vmette_core::{DenialCounts, Nat, NetworkAttachment, NetworkError, PortMapping, PublishedPort};
 use vmette_proto::GuestNetwork;
 
 use crate::addressing::{guest_network, GATEWAY, GUEST_MAC, MTU};
+use crate::denials::Denials;
 use crate::dns::{Bindings, Dns};
 use crate::frames::Frames;
 use crate::lock;
@@ -50,6 +51,7 @@ pub struct Attachment {
     engine_end: FrameSocket,
     handle: Handle,
     published: Mutex<Vec<PublishedPort>>,
+    denials: Arc<Denials>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -62,7 +64,7 @@ impl Attachment {
         };
         let policy = Policy {
             gateway: GATEWAY,
-            outbound: nat.outbound,
+            egress: nat.egress.clone(),
             host_ports: nat.host_ports.clone(),
         };
         // Bound first: a port in use fails the attach before anything runs.
@@ -74,8 +76,20 @@ impl Attachment {
 
         let (stack_end, engine_end) = frame_pair()?;
         let bindings = Arc::new(Mutex::new(Bindings::default()));
-        let dns = Dns::new(resolver, policy.clone(), bindings);
-        let (stack, handle) = Stack::new(Frames::new(stack_end, MTU), policy, dns)?;
+        let denials = Arc::new(Denials::default());
+        let dns = Dns::new(
+            resolver,
+            policy.clone(),
+            Arc::clone(&bindings),
+            Arc::clone(&denials),
+        );
+        let (stack, handle) = Stack::new(
+            Frames::new(stack_end, MTU),
+            policy,
+            dns,
+            bindings,
+            Arc::clone(&denials),
+        )?;
         let mut published = Vec::new();
         for (listener, mapping) in listeners {
             published.push(PublishedPort {
@@ -97,6 +111,7 @@ impl Attachment {
             engine_end: FrameSocket(Arc::new(engine_end)),
             handle,
             published: Mutex::new(published),
+            denials,
             thread: Some(thread),
         })
     }
@@ -200,6 +215,10 @@ impl NetworkAttachment for Attachment {
 
     fn published(&self) -> Vec<PublishedPort> {
         lock(&self.published).clone()
+    }
+
+    fn denials(&self) -> DenialCounts {
+        self.denials.snapshot()
     }
 }
 

@@ -19,6 +19,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
+use crate::denials::{Denials, Reason};
 use crate::policy::Policy;
 use crate::resolver::{normalized_name, ResolverConfig};
 use crate::{connected_udp, lock};
@@ -102,25 +103,42 @@ pub struct Dns {
     config: ResolverConfig,
     policy: Policy,
     bindings: Arc<Mutex<Bindings>>,
+    denials: Arc<Denials>,
 }
 
 impl Dns {
-    /// Answers by `config`, never with an address `policy` will not hand
-    /// out, recording what it answers in `bindings`.
-    pub fn new(config: ResolverConfig, policy: Policy, bindings: Arc<Mutex<Bindings>>) -> Dns {
+    /// Answers by `config` only what `policy` lets the guest resolve,
+    /// never with an address it will not hand out, recording what it
+    /// answers in `bindings` and what it refuses in `denials`.
+    pub fn new(
+        config: ResolverConfig,
+        policy: Policy,
+        bindings: Arc<Mutex<Bindings>>,
+        denials: Arc<Denials>,
+    ) -> Dns {
         Dns {
             config,
             policy,
             bindings,
+            denials,
         }
     }
 
     /// The answer to `query`, or `None` for bytes that are not a query
-    /// the stack answers (too long, not a query, more than one question):
-    /// those are dropped, as a server drops garbage.
+    /// the stack answers (not a query, more than one question): those are
+    /// dropped, as a server drops garbage. A query over [`QUERY_LIMIT`]
+    /// is refused unread.
     pub fn answer(&self, query: &[u8], carrier: Carrier) -> Option<Vec<u8>> {
         if query.len() > QUERY_LIMIT {
-            return None;
+            let refused = refused_unread(query);
+            if refused.is_some() {
+                self.denials.count(Reason::Dns);
+                tracing::info!(
+                    bytes = query.len(),
+                    "DNS: refused a query over {QUERY_LIMIT} bytes"
+                );
+            }
+            return refused;
         }
         let request = Message::from_vec(query).ok()?;
         if request.metadata.message_type != MessageType::Query {
@@ -156,6 +174,14 @@ impl Dns {
     fn resolve(&self, request: &Message, question: &Query) -> Message {
         let asked = normalized_name(&question.name().to_ascii()).unwrap_or_default();
         let mut reply = reply_to(request, ResponseCode::NoError);
+        // A name the allowlist does not name is not resolved, from the
+        // hosts file or upstream: a query that leaves the host is a
+        // channel out (its labels carry what they like). A guest that may
+        // open nothing gets the hosts file's names, and no recursion.
+        let closed = self.policy.egress.is_closed();
+        if !closed && !self.policy.resolves(&asked) {
+            return self.refuse_name(reply, &asked);
+        }
         // The guest has no IPv6: an empty answer sends it to A at once.
         if question.query_type() == RecordType::AAAA {
             return reply;
@@ -164,11 +190,8 @@ impl Dns {
         if !from_hosts.is_empty() {
             return self.answer_from_hosts(reply, question, &asked, from_hosts);
         }
-        // A guest that may open nothing gets no recursion either: a query
-        // that leaves the host is a channel out, whatever it asks.
-        if !self.policy.outbound {
-            reply.metadata.response_code = ResponseCode::NXDomain;
-            return reply;
+        if closed {
+            return self.refuse_name(reply, &asked);
         }
         match self.ask_upstreams(question) {
             Some(upstream) => self.filtered(reply, question, &asked, upstream),
@@ -177,6 +200,13 @@ impl Dns {
                 reply
             }
         }
+    }
+
+    fn refuse_name(&self, mut reply: Message, asked: &str) -> Message {
+        self.denials.count(Reason::Dns);
+        tracing::info!(name = asked, "DNS: refused a name the guest may not reach");
+        reply.metadata.response_code = ResponseCode::NXDomain;
+        reply
     }
 
     fn answer_from_hosts(
@@ -199,7 +229,8 @@ impl Dns {
             .filter(|ip| self.policy.answerable(*ip))
             .collect();
         if allowed.is_empty() {
-            tracing::debug!(
+            self.denials.count(Reason::Rebind);
+            tracing::info!(
                 name = asked,
                 "DNS: refused, the host file names only addresses the guest may not reach"
             );
@@ -257,7 +288,8 @@ impl Dns {
         }
         let has_address = kept.iter().any(|r| matches!(r.data, RData::A(_)));
         if refused && !has_address && question.query_type() == RecordType::A {
-            tracing::debug!(
+            self.denials.count(Reason::Rebind);
+            tracing::info!(
                 name = asked,
                 "DNS: refused, the name resolves only to addresses the guest may not reach"
             );
@@ -273,6 +305,58 @@ impl Dns {
         reply
     }
 
+    /// The addresses the stack connects to for `name` (lowercase, without
+    /// a trailing dot), which a connection to an allowed name named: from
+    /// the hosts file or a fresh upstream query, and only those the guest
+    /// may reach. None when there are none; a name whose only addresses
+    /// are denied counts as rebinding.
+    pub fn addresses_for(&self, name: &str) -> Vec<Ipv4Addr> {
+        let from_hosts = self.config.hosts.lookup(name);
+        let found: Vec<Ipv4Addr> = if from_hosts.is_empty() {
+            let Ok(owner) = hickory_proto::rr::Name::from_ascii(format!("{name}.")) else {
+                return Vec::new();
+            };
+            let question = Query::query(owner, RecordType::A);
+            let Some(upstream) = self.ask_upstreams(&question) else {
+                return Vec::new();
+            };
+            let mut chain = vec![question.name().to_lowercase()];
+            let mut found = Vec::new();
+            for record in upstream.answers {
+                if !chain.contains(&record.name.to_lowercase()) {
+                    continue;
+                }
+                match &record.data {
+                    RData::CNAME(target) => chain.push(target.0.to_lowercase()),
+                    RData::A(A(ip)) => found.push(*ip),
+                    _ => {}
+                }
+            }
+            found
+        } else {
+            from_hosts
+                .iter()
+                .filter_map(|ip| match ip {
+                    std::net::IpAddr::V4(v4) => Some(*v4),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect()
+        };
+        let reachable: Vec<Ipv4Addr> = found
+            .iter()
+            .copied()
+            .filter(|ip| self.policy.answerable(*ip))
+            .collect();
+        if reachable.is_empty() && !found.is_empty() {
+            self.denials.count(Reason::Rebind);
+            tracing::info!(
+                name,
+                "refused a connection: the name resolves only to addresses the guest may not reach"
+            );
+        }
+        reachable
+    }
+
     fn ask_upstreams(&self, question: &Query) -> Option<Message> {
         let deadline = Instant::now() + QUERY_DEADLINE;
         for upstream in &self.config.upstreams {
@@ -286,6 +370,20 @@ impl Dns {
         }
         None
     }
+}
+
+/// The REFUSED reply to a message too long to read: its header's id,
+/// opcode and recursion flag, no sections. `None` when it is no query.
+fn refused_unread(query: &[u8]) -> Option<Vec<u8>> {
+    let header = query.get(..4)?;
+    if header[2] & 0x80 != 0 {
+        return None;
+    }
+    let flags = 0x80 | (header[2] & 0x79);
+    // Recursion available, REFUSED (5).
+    let mut reply = vec![header[0], header[1], flags, 0x85];
+    reply.extend_from_slice(&[0; 8]);
+    Some(reply)
 }
 
 /// An empty reply to `request` with `code`.
@@ -400,8 +498,18 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             gateway: Ipv4Addr::new(10, 0, 2, 2),
-            outbound: true,
+            egress: vmette_core::Egress::Open,
             host_ports: vec![],
+        }
+    }
+
+    fn allowing(hosts: &[&str]) -> Policy {
+        Policy {
+            egress: vmette_core::Egress::Allowlist(vmette_core::Allowlist {
+                hosts: hosts.iter().map(|h| h.parse().expect("rule")).collect(),
+                cidrs: Vec::new(),
+            }),
+            ..policy()
         }
     }
 
@@ -450,8 +558,18 @@ mod tests {
     }
 
     fn resolver(config: ResolverConfig) -> (Dns, Arc<Mutex<Bindings>>) {
+        let (dns, bindings, _) = resolver_with(config, policy());
+        (dns, bindings)
+    }
+
+    fn resolver_with(
+        config: ResolverConfig,
+        policy: Policy,
+    ) -> (Dns, Arc<Mutex<Bindings>>, Arc<Denials>) {
         let bindings = Arc::new(Mutex::new(Bindings::default()));
-        (Dns::new(config, policy(), Arc::clone(&bindings)), bindings)
+        let denials = Arc::new(Denials::default());
+        let dns = Dns::new(config, policy, Arc::clone(&bindings), Arc::clone(&denials));
+        (dns, bindings, denials)
     }
 
     fn parse(bytes: Option<Vec<u8>>) -> Message {
@@ -517,9 +635,14 @@ mod tests {
     fn garbage_and_oversized_queries_get_nothing_and_odd_ones_a_code() {
         let (dns, _) = resolver(ResolverConfig::upstream(vec![]));
         assert!(dns.answer(b"\x00\x01garbage", Carrier::Udp).is_none());
-        assert!(dns
-            .answer(&vec![0; QUERY_LIMIT + 1], Carrier::Tcp)
-            .is_none());
+        let mut long = query("example.test.", RecordType::A);
+        long.resize(QUERY_LIMIT + 1, 0);
+        let reply = parse(dns.answer(&long, Carrier::Udp));
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+        assert_eq!(reply.metadata.id, u16::from_be_bytes([long[0], long[1]]));
+        // A long answer, not a query, gets nothing.
+        long[2] |= 0x80;
+        assert!(dns.answer(&long, Carrier::Udp).is_none());
         let reply = parse(dns.answer(&query("example.test.", RecordType::ANY), Carrier::Udp));
         assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
         let mut two = Message::query();
@@ -544,6 +667,75 @@ mod tests {
         let reply = parse(dns.answer(&query("big.test.", RecordType::A), Carrier::Udp));
         assert!(reply.metadata.truncation);
         assert!(reply.answers.is_empty());
+    }
+
+    #[test]
+    fn an_allowlist_resolves_only_its_names_and_counts_the_rest() {
+        let server = upstream(vec![a("allowed.test.", [198, 18, 1, 10])]);
+        let config = ResolverConfig {
+            hosts: Hosts::parse("198.18.0.5 files.test\n"),
+            upstreams: vec![server],
+        };
+        let (dns, bindings, denials) =
+            resolver_with(config, allowing(&["allowed.test", "*.rebind.test"]));
+        // Names not allowed reach neither the hosts file nor an upstream,
+        // whatever the type; the one upstream answers only allowed.test.
+        for (name, kind) in [
+            ("secret-data.exfil.denied.test.", RecordType::A),
+            ("files.test.", RecordType::A),
+            ("denied.test.", RecordType::AAAA),
+            ("rebind.test.", RecordType::A),
+        ] {
+            let reply = parse(dns.answer(&query(name, kind), Carrier::Udp));
+            assert_eq!(
+                reply.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{name}"
+            );
+        }
+        let reply = parse(dns.answer(&query("allowed.test.", RecordType::A), Carrier::Udp));
+        assert_eq!(reply.answers.len(), 1);
+        assert_eq!(
+            lock(&bindings).names([198, 18, 1, 10].into()),
+            ["allowed.test"]
+        );
+        assert_eq!(denials.snapshot().dns, 4);
+
+        let lo = upstream(vec![a("lo.rebind.test.", [127, 0, 0, 1])]);
+        let (dns, _, denials) = resolver_with(
+            ResolverConfig::upstream(vec![lo]),
+            allowing(&["*.rebind.test"]),
+        );
+        let reply = parse(dns.answer(&query("lo.rebind.test.", RecordType::A), Carrier::Udp));
+        assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(denials.snapshot().rebind, 1);
+    }
+
+    #[test]
+    fn connections_resolve_names_afresh_and_only_to_reachable_addresses() {
+        let server = upstream(vec![
+            cname("www.allowed.test.", "edge.allowed.test."),
+            a("edge.allowed.test.", [198, 18, 1, 10]),
+            a("other.test.", [198, 18, 9, 9]),
+        ]);
+        let (dns, bindings, _) = resolver_with(
+            ResolverConfig::upstream(vec![server]),
+            allowing(&["*.allowed.test"]),
+        );
+        assert_eq!(
+            dns.addresses_for("www.allowed.test"),
+            [Ipv4Addr::new(198, 18, 1, 10)]
+        );
+        // What the stack resolves for itself binds nothing for the guest.
+        assert!(lock(&bindings).names([198, 18, 1, 10].into()).is_empty());
+
+        let private = upstream(vec![a("private.rebind.test.", [10, 0, 0, 5])]);
+        let (dns, _, denials) = resolver_with(
+            ResolverConfig::upstream(vec![private]),
+            allowing(&["*.rebind.test"]),
+        );
+        assert!(dns.addresses_for("private.rebind.test").is_empty());
+        assert_eq!(denials.snapshot().rebind, 1);
     }
 
     #[test]

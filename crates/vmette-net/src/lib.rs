@@ -26,8 +26,10 @@
 mod addressing;
 mod attachment;
 mod cidr;
+mod denials;
 pub mod dns;
 mod frames;
+mod inspect;
 mod policy;
 pub mod resolver;
 mod stack;
@@ -36,7 +38,8 @@ mod wire;
 pub use addressing::{guest_network, GATEWAY, GUEST, MTU};
 pub use attachment::{AttachError, Attachment, UserNetwork};
 pub use cidr::{denied, BadCidr, Cidr, DeniedRange, DENIED};
-pub use policy::{Denial, Policy, Transport, Verdict};
+pub use denials::{Denials, Reason};
+pub use policy::{Denial, Policy, Protocol, Transport, Verdict};
 pub use stack::{TCP_FLOWS_LIMIT, UDP_FLOWS_LIMIT};
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};

@@ -1,11 +1,22 @@
 //! The one place that decides where a guest's flow may go. Every TCP
-//! connection and UDP flow the guest opens, and every DNS query, passes
-//! through [`Policy::decide`] before the stack opens anything on the host.
+//! connection and UDP flow the guest opens passes through
+//! [`Policy::decide`] before the stack opens anything on the host, and
+//! every DNS question through [`Policy::resolves`].
+//!
+//! With an allowlist, a name is reached only through the addresses DNS
+//! answers gave the guest for it (the [`Bindings`]), so a raw address
+//! opens nothing; on ports 80 and 443 the stack reads which name the
+//! connection is for and connects to that name itself, so a guest cannot
+//! aim an allowed name's connection at another address.
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
+use vmette_core::Egress;
+
 use crate::cidr::{denied, DeniedRange};
+use crate::denials::Reason;
+use crate::dns::Bindings;
 
 /// The transport of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +43,20 @@ pub enum Verdict {
     Dns,
     /// The stack opens this host address for it.
     Connect(SocketAddr),
+    /// The stack accepts the connection and reads from its first bytes
+    /// which name it is for, then connects to that name itself if allowed.
+    Inspect(Protocol),
     /// Refused, for this reason.
     Deny(Denial),
+}
+
+/// What the stack reads a connection's name from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTPS: the ClientHello's server name.
+    Tls,
+    /// HTTP: every request's Host.
+    Http,
 }
 
 /// Why a flow was refused.
@@ -48,6 +71,24 @@ pub enum Denial {
     /// One of the host's own addresses, whose services are not the
     /// guest's to reach.
     HostAddress,
+    /// No DNS answer bound the address to an allowed name, and no allowed
+    /// range covers it.
+    NotAllowed,
+    /// The address is allowed, but not on this port.
+    Port(u16),
+    /// UDP other than DNS goes only to allowed address ranges.
+    Udp,
+}
+
+impl Denial {
+    /// The count a refusal of a `transport` flow for this goes to.
+    pub fn reason(&self, transport: Transport) -> Reason {
+        match (transport, self) {
+            (Transport::Udp, _) => Reason::Udp,
+            (Transport::Tcp, Denial::HostPort(_) | Denial::Port(_)) => Reason::Port,
+            (Transport::Tcp, _) => Reason::Ip,
+        }
+    }
 }
 
 impl fmt::Display for Denial {
@@ -60,6 +101,11 @@ impl fmt::Display for Denial {
                 "port {port} of the host was not opened to the guest (--allow-host-port)"
             ),
             Denial::HostAddress => f.write_str("it is an address of the host itself"),
+            Denial::NotAllowed => f.write_str(
+                "no allowed name resolved to it for the guest, and no allowed range covers it",
+            ),
+            Denial::Port(port) => write!(f, "the address is allowed, but not port {port}"),
+            Denial::Udp => f.write_str("UDP goes only to allowed address ranges (--allow-cidr)"),
         }
     }
 }
@@ -69,44 +115,127 @@ impl fmt::Display for Denial {
 pub struct Policy {
     /// The gateway's address: the host itself, for the ports opened on it.
     pub gateway: Ipv4Addr,
-    /// Whether the guest may open flows to the outside at all.
-    pub outbound: bool,
+    /// Where the guest's own flows may go.
+    pub egress: Egress,
     /// Ports of the host's loopback the guest reaches at the gateway.
     pub host_ports: Vec<u16>,
 }
 
+/// The ports whose connections an allowed name opens, after the stack
+/// read which name each is for.
+const INSPECTED: [(u16, Protocol); 2] = [(80, Protocol::Http), (443, Protocol::Tls)];
+
 impl Policy {
-    /// Where a flow the guest opens to `destination` may go.
-    pub fn decide(&self, transport: Transport, destination: SocketAddrV4) -> Verdict {
-        if destination.port() == 53 {
+    /// Where a flow the guest opens to `destination` may go; `bindings`
+    /// says which names DNS answers gave the guest each address for.
+    pub fn decide(
+        &self,
+        transport: Transport,
+        destination: SocketAddrV4,
+        bindings: &Bindings,
+    ) -> Verdict {
+        let (ip, port) = (*destination.ip(), destination.port());
+        if port == 53 {
             return Verdict::Dns;
         }
-        let ip = *destination.ip();
         if ip == self.gateway {
             return match transport {
-                Transport::Tcp if self.host_ports.contains(&destination.port()) => {
-                    Verdict::Connect(SocketAddr::from((Ipv4Addr::LOCALHOST, destination.port())))
+                Transport::Tcp if self.host_ports.contains(&port) => {
+                    Verdict::Connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
                 }
-                _ => Verdict::Deny(Denial::HostPort(destination.port())),
+                _ => Verdict::Deny(Denial::HostPort(port)),
             };
         }
-        if !self.outbound {
-            return Verdict::Deny(Denial::NoOutbound);
+        let allowlist = match &self.egress {
+            Egress::Closed => return Verdict::Deny(Denial::NoOutbound),
+            Egress::Open => None,
+            Egress::Allowlist(allowlist) => Some(allowlist),
+        };
+        if let Err(denial) = self.reachable(ip) {
+            return Verdict::Deny(denial);
         }
+        let Some(allowlist) = allowlist else {
+            return Verdict::Connect(destination.into());
+        };
+        let ranges = || allowlist.cidrs.iter().filter(|rule| rule.contains(ip));
+        if ranges().any(|rule| rule.opens(port)) {
+            return Verdict::Connect(destination.into());
+        }
+        if transport == Transport::Udp {
+            return Verdict::Deny(Denial::Udp);
+        }
+        let names = bindings.names(ip);
+        let rules = || {
+            allowlist
+                .hosts
+                .iter()
+                .filter(|rule| names.iter().any(|name| rule.name.matches(name)))
+        };
+        if let Some((_, protocol)) = INSPECTED.iter().find(|(p, _)| *p == port) {
+            if rules().any(|rule| rule.port.is_none_or(|p| p == port)) {
+                return Verdict::Inspect(*protocol);
+            }
+        } else if rules().any(|rule| rule.port == Some(port)) {
+            return Verdict::Connect(destination.into());
+        }
+        if rules().next().is_some() || ranges().next().is_some() {
+            return Verdict::Deny(Denial::Port(port));
+        }
+        Verdict::Deny(Denial::NotAllowed)
+    }
+
+    /// Whether the guest may reach `ip` at all, by the ranges: outside the
+    /// denied ones (unless an allowed range names it), and never one of
+    /// the host's own addresses or its loopback.
+    pub fn reachable(&self, ip: Ipv4Addr) -> Result<(), Denial> {
         if let Some(range) = denied(ip.into()) {
-            return Verdict::Deny(Denial::Range(range));
+            if ip.is_loopback() || !self.names_range(ip) {
+                return Err(Denial::Range(range));
+            }
         }
         if is_host_address(ip) {
-            return Verdict::Deny(Denial::HostAddress);
+            return Err(Denial::HostAddress);
         }
-        Verdict::Connect(destination.into())
+        Ok(())
+    }
+
+    fn names_range(&self, ip: Ipv4Addr) -> bool {
+        match &self.egress {
+            Egress::Allowlist(allowlist) => allowlist.cidrs.iter().any(|rule| rule.contains(ip)),
+            Egress::Closed | Egress::Open => false,
+        }
     }
 
     /// Whether an address a DNS answer names may be handed to the guest:
     /// one in the denied ranges is a rebinding attempt, refused whatever
-    /// the name.
+    /// the name, unless an allowed range names it.
     pub fn answerable(&self, ip: Ipv4Addr) -> bool {
-        denied(ip.into()).is_none()
+        denied(ip.into()).is_none() || (!ip.is_loopback() && self.names_range(ip))
+    }
+
+    /// Whether the guest's DNS queries for `name` are answered: with an
+    /// allowlist, only for the names it allows (on any port).
+    pub fn resolves(&self, name: &str) -> bool {
+        match &self.egress {
+            Egress::Closed => false,
+            Egress::Open => true,
+            Egress::Allowlist(allowlist) => {
+                allowlist.hosts.iter().any(|rule| rule.name.matches(name))
+            }
+        }
+    }
+
+    /// Whether a connection to `port` that names `name` (its server name,
+    /// its Host) may go on to that name.
+    pub fn admits(&self, name: &str, port: u16) -> bool {
+        match &self.egress {
+            Egress::Closed => false,
+            Egress::Open => true,
+            Egress::Allowlist(allowlist) => allowlist
+                .hosts
+                .iter()
+                .any(|rule| rule.name.matches(name) && rule.port.is_none_or(|p| p == port)),
+        }
     }
 }
 
@@ -124,36 +253,61 @@ pub fn is_host_address(ip: Ipv4Addr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmette_core::Allowlist;
 
-    fn policy() -> Policy {
+    fn policy(egress: Egress) -> Policy {
         Policy {
             gateway: Ipv4Addr::new(10, 0, 2, 2),
-            outbound: true,
+            egress,
             host_ports: vec![8080],
         }
+    }
+
+    fn open() -> Policy {
+        policy(Egress::Open)
+    }
+
+    fn allowlist(hosts: &[&str], cidrs: &[&str]) -> Policy {
+        policy(Egress::Allowlist(Allowlist {
+            hosts: hosts
+                .iter()
+                .map(|h| h.parse().expect("host rule"))
+                .collect(),
+            cidrs: cidrs
+                .iter()
+                .map(|c| c.parse().expect("cidr rule"))
+                .collect(),
+        }))
     }
 
     fn at(ip: [u8; 4], port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(ip.into(), port)
     }
 
+    fn none() -> Bindings {
+        Bindings::default()
+    }
+
     #[test]
     fn dns_goes_to_the_stack_at_any_address() {
         for ip in [[9, 9, 9, 9], [10, 0, 2, 2], [127, 0, 0, 1]] {
-            assert_eq!(policy().decide(Transport::Udp, at(ip, 53)), Verdict::Dns);
-            assert_eq!(policy().decide(Transport::Tcp, at(ip, 53)), Verdict::Dns);
+            for transport in [Transport::Udp, Transport::Tcp] {
+                for policy in [open(), policy(Egress::Closed), allowlist(&[], &[])] {
+                    assert_eq!(policy.decide(transport, at(ip, 53), &none()), Verdict::Dns);
+                }
+            }
         }
     }
 
     #[test]
     fn the_gateway_opens_only_the_allowed_host_ports_over_tcp() {
         assert_eq!(
-            policy().decide(Transport::Tcp, at([10, 0, 2, 2], 8080)),
+            open().decide(Transport::Tcp, at([10, 0, 2, 2], 8080), &none()),
             Verdict::Connect("127.0.0.1:8080".parse().expect("address"))
         );
         for (transport, port) in [(Transport::Tcp, 8081), (Transport::Udp, 8080)] {
             assert!(matches!(
-                policy().decide(transport, at([10, 0, 2, 2], port)),
+                open().decide(transport, at([10, 0, 2, 2], port), &none()),
                 Verdict::Deny(Denial::HostPort(_))
             ));
         }
@@ -161,9 +315,9 @@ mod tests {
 
     #[test]
     fn outbound_flows_avoid_the_denied_ranges() {
-        let policy = policy();
+        let policy = open();
         assert_eq!(
-            policy.decide(Transport::Tcp, at([198, 18, 0, 1], 80)),
+            policy.decide(Transport::Tcp, at([198, 18, 0, 1], 80), &none()),
             Verdict::Connect("198.18.0.1:80".parse().expect("address"))
         );
         for ip in [
@@ -173,21 +327,123 @@ mod tests {
             [224, 0, 0, 1],
         ] {
             assert!(matches!(
-                policy.decide(Transport::Tcp, at(ip, 80)),
+                policy.decide(Transport::Tcp, at(ip, 80), &none()),
                 Verdict::Deny(Denial::Range(_))
             ));
         }
         let closed = Policy {
-            outbound: false,
+            egress: Egress::Closed,
             ..policy
         };
         assert_eq!(
-            closed.decide(Transport::Tcp, at([198, 18, 0, 1], 80)),
+            closed.decide(Transport::Tcp, at([198, 18, 0, 1], 80), &none()),
             Verdict::Deny(Denial::NoOutbound)
         );
         assert!(!closed.answerable(Ipv4Addr::LOCALHOST));
         assert!(is_host_address(Ipv4Addr::LOCALHOST));
         assert!(!is_host_address(Ipv4Addr::new(198, 18, 0, 1)));
         assert!(closed.answerable(Ipv4Addr::new(198, 18, 0, 1)));
+        assert!(!closed.resolves("example.com"));
+    }
+
+    #[test]
+    fn an_allowed_name_opens_only_the_addresses_bound_to_it() {
+        let policy = allowlist(&["allowed.test", "*.cdn.test", "git.test:22"], &[]);
+        let mut bindings = Bindings::default();
+        bindings.bind(Ipv4Addr::new(198, 18, 1, 10), "allowed.test");
+        bindings.bind(Ipv4Addr::new(198, 18, 3, 10), "img.cdn.test");
+        bindings.bind(Ipv4Addr::new(198, 18, 4, 10), "git.test");
+        bindings.bind(Ipv4Addr::new(198, 18, 2, 10), "denied.test");
+        let decide = |transport, ip, port| policy.decide(transport, at(ip, port), &bindings);
+
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 1, 10], 443),
+            Verdict::Inspect(Protocol::Tls)
+        );
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 3, 10], 80),
+            Verdict::Inspect(Protocol::Http)
+        );
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 4, 10], 22),
+            Verdict::Connect("198.18.4.10:22".parse().expect("address"))
+        );
+        // A name with a port opens that port only, and a name without one
+        // only 80 and 443.
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 4, 10], 443),
+            Verdict::Deny(Denial::Port(443))
+        );
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 1, 10], 22),
+            Verdict::Deny(Denial::Port(22))
+        );
+        // A raw address, or one bound to a name not allowed, opens nothing.
+        for ip in [[198, 18, 2, 10], [198, 18, 9, 9]] {
+            for port in [80, 443, 22] {
+                assert_eq!(
+                    decide(Transport::Tcp, ip, port),
+                    Verdict::Deny(Denial::NotAllowed)
+                );
+            }
+        }
+        assert_eq!(
+            decide(Transport::Udp, [198, 18, 1, 10], 443),
+            Verdict::Deny(Denial::Udp)
+        );
+        assert!(policy.resolves("allowed.test"));
+        assert!(policy.resolves("a.cdn.test"));
+        assert!(!policy.resolves("cdn.test"));
+        assert!(!policy.resolves("denied.test"));
+        assert!(policy.admits("allowed.test", 443));
+        assert!(!policy.admits("git.test", 443));
+        assert!(!policy.admits("denied.test", 80));
+    }
+
+    #[test]
+    fn an_allowed_range_opens_its_ports_and_may_name_a_denied_one() {
+        let policy = allowlist(&[], &["198.18.5.2/32:8080", "10.1.0.0/16", "127.0.0.0/8"]);
+        let decide = |transport, ip, port| policy.decide(transport, at(ip, port), &none());
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 5, 2], 8080),
+            Verdict::Connect("198.18.5.2:8080".parse().expect("address"))
+        );
+        assert_eq!(
+            decide(Transport::Udp, [198, 18, 5, 2], 8080),
+            Verdict::Connect("198.18.5.2:8080".parse().expect("address"))
+        );
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 5, 2], 8081),
+            Verdict::Deny(Denial::Port(8081))
+        );
+        assert_eq!(
+            decide(Transport::Tcp, [198, 18, 5, 3], 8080),
+            Verdict::Deny(Denial::NotAllowed)
+        );
+        assert_eq!(
+            decide(Transport::Udp, [10, 1, 2, 3], 9999),
+            Verdict::Connect("10.1.2.3:9999".parse().expect("address"))
+        );
+        assert!(policy.answerable(Ipv4Addr::new(10, 1, 2, 3)));
+        assert!(!policy.answerable(Ipv4Addr::new(10, 2, 0, 1)));
+        assert!(matches!(
+            decide(Transport::Tcp, [10, 2, 0, 1], 80),
+            Verdict::Deny(Denial::Range(_))
+        ));
+        // The host's loopback stays closed, whatever a rule says.
+        assert!(!policy.answerable(Ipv4Addr::LOCALHOST));
+        assert!(matches!(
+            decide(Transport::Tcp, [127, 0, 0, 1], 80),
+            Verdict::Deny(Denial::Range(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_count_by_transport_and_kind() {
+        assert_eq!(Denial::NotAllowed.reason(Transport::Tcp), Reason::Ip);
+        assert_eq!(Denial::Port(22).reason(Transport::Tcp), Reason::Port);
+        assert_eq!(Denial::HostPort(22).reason(Transport::Tcp), Reason::Port);
+        assert_eq!(Denial::NotAllowed.reason(Transport::Udp), Reason::Udp);
+        assert_eq!(Denial::NoOutbound.reason(Transport::Tcp), Reason::Ip);
     }
 }

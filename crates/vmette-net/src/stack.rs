@@ -28,7 +28,8 @@ use smoltcp::wire::{
 };
 
 use crate::addressing::{GATEWAY, GATEWAY_MAC, GUEST, MTU, PREFIX_LEN};
-use crate::dns::{Carrier, Dns, QUERY_LIMIT};
+use crate::denials::{Denials, Reason};
+use crate::dns::{Bindings, Carrier, Dns, QUERY_LIMIT};
 use crate::frames::{Frames, ETHERNET_HEADER};
 use crate::policy::{Policy, Transport, Verdict};
 use crate::wire;
@@ -63,6 +64,8 @@ const FRAMES_PER_TURN: usize = 256;
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// Host ports of the gateway's own connections to published guest ports.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
+/// Refused UDP flows remembered, so that each is counted once.
+const REFUSED_UDP_MEMORY: usize = 256;
 
 /// What the owner of the stack asks of its loop.
 pub enum Command {
@@ -108,6 +111,8 @@ enum FlowKind {
     Outbound(FlowKey),
     /// From a host client to a published guest port.
     Published(SocketAddr),
+    /// To a name the stack reads from the connection's first bytes.
+    Inspected(Box<Inspection>),
     /// DNS over TCP, answered by the stack.
     Dns {
         key: FlowKey,
@@ -135,6 +140,17 @@ struct TcpFlow {
     guest_eof: bool,
 }
 
+impl FlowKind {
+    /// The guest connection's key, for the flows the guest opened.
+    fn key(&self) -> Option<FlowKey> {
+        match self {
+            FlowKind::Outbound(key) | FlowKind::Dns { key, .. } => Some(*key),
+            FlowKind::Inspected(inspection) => Some(inspection.key),
+            FlowKind::Published(_) => None,
+        }
+    }
+}
+
 struct HeldSyn {
     frame: Vec<u8>,
     seq: smoltcp::wire::TcpSeqNumber,
@@ -153,10 +169,16 @@ struct Listener {
     guest_port: u16,
 }
 
-struct DnsJob {
-    query: Vec<u8>,
-    carrier: Carrier,
-    reply_to: ReplyTo,
+/// What a DNS worker is asked.
+enum DnsJob {
+    /// The guest's query, to answer.
+    Query {
+        query: Vec<u8>,
+        carrier: Carrier,
+        reply_to: ReplyTo,
+    },
+    /// The addresses of a name an inspected connection goes to.
+    Resolve { name: String, flow: FlowId },
 }
 
 #[derive(Clone, Copy)]
@@ -165,10 +187,16 @@ enum ReplyTo {
     Tcp(FlowId),
 }
 
-struct DnsDone {
-    /// `None` for bytes that were not a query the stack answers.
-    answer: Option<Vec<u8>>,
-    reply_to: ReplyTo,
+enum DnsDone {
+    Answer {
+        /// `None` for bytes that were not a query the stack answers.
+        answer: Option<Vec<u8>>,
+        reply_to: ReplyTo,
+    },
+    Resolved {
+        flow: FlowId,
+        addresses: Vec<std::net::Ipv4Addr>,
+    },
 }
 
 /// Logs a kind of event at most once per interval, counting the rest.
@@ -215,6 +243,10 @@ pub struct Stack {
     iface: Interface,
     sockets: SocketSet<'static>,
     policy: Policy,
+    bindings: Arc<Mutex<Bindings>>,
+    denials: Arc<Denials>,
+    /// UDP flows refused lately, with when: each is counted once.
+    refused_udp: HashMap<FlowKey, Instant>,
     tcp: HashMap<FlowId, TcpFlow>,
     tcp_keys: HashMap<FlowKey, FlowId>,
     udp: HashMap<FlowKey, UdpFlow>,
@@ -237,9 +269,17 @@ fn now() -> smoltcp::time::Instant {
 }
 
 impl Stack {
-    /// A stack on `frames` deciding by `policy`, answering DNS with `dns`;
-    /// the handle reaches its loop once [`Stack::run`] runs.
-    pub fn new(frames: Frames, policy: Policy, dns: Dns) -> io::Result<(Stack, Handle)> {
+    /// A stack on `frames` deciding by `policy` with the `bindings` of the
+    /// guest's DNS answers, answering DNS with `dns`, counting what it
+    /// refuses in `denials`; the handle reaches its loop once
+    /// [`Stack::run`] runs.
+    pub fn new(
+        frames: Frames,
+        policy: Policy,
+        dns: Dns,
+        bindings: Arc<Mutex<Bindings>>,
+        denials: Arc<Denials>,
+    ) -> io::Result<(Stack, Handle)> {
         let mut frames = frames;
         let mut config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         config.random_seed = RandomState::new().hash_one(std::process::id());
@@ -268,6 +308,9 @@ impl Stack {
             iface,
             sockets: SocketSet::new(Vec::new()),
             policy,
+            bindings,
+            denials,
+            refused_udp: HashMap::new(),
             tcp: HashMap::new(),
             tcp_keys: HashMap::new(),
             udp: HashMap::new(),
@@ -354,7 +397,9 @@ impl Stack {
         }
         for (id, flow) in &self.tcp {
             let Some(host) = &flow.host else { continue };
-            let flags = if flow.held.is_some() {
+            let flags = if flow.connecting() {
+                PollFlags::POLLOUT
+            } else if flow.held.is_some() {
                 if flow.connected {
                     PollFlags::empty()
                 } else {
@@ -532,7 +577,10 @@ impl Stack {
             len: segment.payload().len(),
             since: Instant::now(),
         };
-        match self.policy.decide(Transport::Tcp, destination) {
+        let verdict = self
+            .policy
+            .decide(Transport::Tcp, destination, &lock(&self.bindings));
+        match verdict {
             Verdict::Dns => {
                 let id = self.add_flow(
                     FlowKind::Dns {
@@ -561,23 +609,39 @@ impl Stack {
                     refuse(self);
                 }
             },
-            Verdict::Deny(denial) => {
-                if let Some(quiet) = self.refused_policy.admit() {
-                    tracing::info!("refused TCP from the guest to {destination}: {denial} ({quiet} more refused since the last message)");
+            Verdict::Inspect(protocol) => {
+                let id = self.add_flow(
+                    FlowKind::Inspected(Box::new(Inspection::new(key, protocol))),
+                    None,
+                );
+                if let Some(flow) = self.tcp.get_mut(&id) {
+                    flow.held = Some(held);
+                    flow.connected = true;
                 }
+            }
+            Verdict::Deny(denial) => {
+                self.refused(
+                    denial.reason(Transport::Tcp),
+                    format_args!("TCP from the guest to {destination}: {denial}"),
+                );
                 refuse(self);
             }
+        }
+    }
+
+    /// Counts a refusal and logs it, at most every few seconds.
+    fn refused(&mut self, reason: Reason, what: std::fmt::Arguments<'_>) {
+        self.denials.count(reason);
+        if let Some(quiet) = self.refused_policy.admit() {
+            tracing::info!("refused {what} ({quiet} more refused since the last message)");
         }
     }
 
     fn add_flow(&mut self, kind: FlowKind, host: Option<TcpStream>) -> FlowId {
         let id = self.next_flow;
         self.next_flow += 1;
-        match &kind {
-            FlowKind::Outbound(key) | FlowKind::Dns { key, .. } => {
-                self.tcp_keys.insert(*key, id);
-            }
-            FlowKind::Published(_) => {}
+        if let Some(key) = kind.key() {
+            self.tcp_keys.insert(key, id);
         }
         self.tcp.insert(
             id,
@@ -617,9 +681,8 @@ impl Stack {
             let Some(flow) = self.tcp.get_mut(&id) else {
                 continue;
             };
-            let key = match &flow.kind {
-                FlowKind::Outbound(key) | FlowKind::Dns { key, .. } => *key,
-                FlowKind::Published(_) => continue,
+            let Some(key) = flow.kind.key() else {
+                continue;
             };
             let Some(held) = flow.held.take() else {
                 continue;
@@ -653,6 +716,23 @@ impl Stack {
         let Some(flow) = self.tcp.get_mut(&id) else {
             return;
         };
+        if flow.connecting() {
+            let outcome = flow.host.as_ref().map(TcpStream::take_error);
+            match outcome {
+                Some(Ok(None)) if flags.contains(PollFlags::POLLOUT) => {
+                    if let FlowKind::Inspected(inspection) = &mut flow.kind {
+                        inspection.connected();
+                    }
+                    flow.host_readable = true;
+                }
+                Some(Ok(None)) | None => {}
+                Some(Ok(Some(error)) | Err(error)) => {
+                    tracing::debug!("TCP to {}: {error}; closed", flow_target(flow));
+                    self.abort_flow(id);
+                }
+            }
+            return;
+        }
         if flow.held.is_some() {
             let outcome = flow.host.as_ref().map(TcpStream::take_error);
             match outcome {
@@ -675,9 +755,8 @@ impl Stack {
         let Some(flow) = self.tcp.get_mut(&id) else {
             return;
         };
-        let key = match &flow.kind {
-            FlowKind::Outbound(key) | FlowKind::Dns { key, .. } => *key,
-            FlowKind::Published(_) => return,
+        let Some(key) = flow.kind.key() else {
+            return;
         };
         if let Some(held) = flow.held.take() {
             tracing::debug!("TCP to {}: {why}; refused", key.1);
@@ -702,9 +781,12 @@ impl Stack {
             let _ = flow.socket.send(datagram.payload());
             return;
         }
-        match self.policy.decide(Transport::Udp, destination) {
+        let verdict = self
+            .policy
+            .decide(Transport::Udp, destination, &lock(&self.bindings));
+        match verdict {
             Verdict::Dns => {
-                let job = DnsJob {
+                let job = DnsJob::Query {
                     query: datagram.payload().to_vec(),
                     carrier: Carrier::Udp,
                     reply_to: ReplyTo::Udp {
@@ -715,10 +797,27 @@ impl Stack {
                 self.ask_dns(job);
             }
             Verdict::Connect(target) => self.send_udp(key, target, datagram.payload()),
+            // Only TCP is inspected; a UDP verdict never asks for it.
+            Verdict::Inspect(_) => {}
             Verdict::Deny(denial) => {
-                if let Some(quiet) = self.refused_policy.admit() {
-                    tracing::info!("dropped UDP from the guest to {destination}: {denial} ({quiet} more refused since the last message)");
+                let now = Instant::now();
+                if self
+                    .refused_udp
+                    .get(&key)
+                    .is_some_and(|since| now < *since + UDP_IDLE)
+                {
+                    return;
                 }
+                if self.refused_udp.len() >= REFUSED_UDP_MEMORY {
+                    self.refused_udp.retain(|_, since| now < *since + UDP_IDLE);
+                }
+                if self.refused_udp.len() < REFUSED_UDP_MEMORY {
+                    self.refused_udp.insert(key, now);
+                }
+                self.refused(
+                    denial.reason(Transport::Udp),
+                    format_args!("UDP from the guest to {destination}: {denial}"),
+                );
             }
         }
     }
@@ -727,15 +826,19 @@ impl Stack {
     /// (over UDP the guest asks again; a TCP connection is closed, since
     /// its query would never be answered).
     fn ask_dns(&mut self, job: DnsJob) {
-        if job.query.len() > QUERY_LIMIT {
-            return;
-        }
-        let reply_to = job.reply_to;
+        let waiting = match &job {
+            DnsJob::Query {
+                reply_to: ReplyTo::Tcp(id),
+                ..
+            }
+            | DnsJob::Resolve { flow: id, .. } => Some(*id),
+            DnsJob::Query { .. } => None,
+        };
         if let Err(TrySendError::Full(_)) = self.dns_jobs.try_send(job) {
             if let Some(quiet) = self.dns_dropped.admit() {
                 tracing::warn!("the guest sends DNS queries faster than they are answered; dropping some ({quiet} more since the last message)");
             }
-            if let ReplyTo::Tcp(id) = reply_to {
+            if let Some(id) = waiting {
                 self.abort_flow(id);
             }
         }
@@ -907,9 +1010,16 @@ impl Stack {
 
     fn take_dns_answers(&mut self) {
         while let Ok(done) = self.dns_done.try_recv() {
-            match done.reply_to {
+            let (answer, reply_to) = match done {
+                DnsDone::Answer { answer, reply_to } => (answer, reply_to),
+                DnsDone::Resolved { flow, addresses } => {
+                    self.connect_inspected(flow, &addresses);
+                    continue;
+                }
+            };
+            match reply_to {
                 ReplyTo::Udp { server, port } => {
-                    if let Some(answer) = done.answer.filter(|a| a.len() <= usize::from(MTU) - 28) {
+                    if let Some(answer) = answer.filter(|a| a.len() <= usize::from(MTU) - 28) {
                         self.frames.push(wire::udp_to_guest(server, port, &answer));
                     }
                 }
@@ -917,9 +1027,7 @@ impl Stack {
                     let Some(flow) = self.tcp.get_mut(&id) else {
                         continue;
                     };
-                    let answer = done
-                        .answer
-                        .and_then(|a| Some((u16::try_from(a.len()).ok()?, a)));
+                    let answer = answer.and_then(|a| Some((u16::try_from(a.len()).ok()?, a)));
                     match (&mut flow.kind, answer) {
                         (FlowKind::Dns { outbox, asked, .. }, Some((len, answer))) => {
                             outbox.extend_from_slice(&len.to_be_bytes());
@@ -960,6 +1068,23 @@ impl Stack {
         for id in stale {
             self.abort_flow(id);
         }
+        let overdue: Vec<(FlowId, Option<Reason>)> = self
+            .tcp
+            .iter()
+            .filter_map(|(id, flow)| match &flow.kind {
+                FlowKind::Inspected(inspection) => inspection.overdue(now).map(|r| (*id, r)),
+                _ => None,
+            })
+            .collect();
+        for (id, reason) in overdue {
+            if let Some(reason) = reason {
+                self.refused(
+                    reason,
+                    format_args!("a connection that named no server in time"),
+                );
+            }
+            self.abort_flow(id);
+        }
         self.udp.retain(|_, flow| now < flow.last_used + UDP_IDLE);
     }
 
@@ -967,6 +1092,7 @@ impl Stack {
     fn pump(&mut self) {
         let ids: Vec<FlowId> = self.tcp.keys().copied().collect();
         let mut asks = Vec::new();
+        let mut refusals = Vec::new();
         for id in ids {
             let Some(flow) = self.tcp.get_mut(&id) else {
                 continue;
@@ -983,7 +1109,7 @@ impl Stack {
                     ..
                 } => {
                     if let Some(query) = pump_dns(socket, inbox, outbox, asked) {
-                        asks.push(DnsJob {
+                        asks.push(DnsJob::Query {
                             query,
                             carrier: Carrier::Tcp,
                             reply_to: ReplyTo::Tcp(id),
@@ -993,11 +1119,58 @@ impl Stack {
                 FlowKind::Outbound(_) | FlowKind::Published(_) => {
                     pump_host(socket, flow_host(flow))
                 }
+                FlowKind::Inspected(_) => match inspected::pump(socket, flow, &self.policy) {
+                    inspected::Outcome::Going => {}
+                    inspected::Outcome::Resolve(name) => {
+                        asks.push(DnsJob::Resolve { name, flow: id })
+                    }
+                    inspected::Outcome::Refused(reason, why) => refusals.push((id, reason, why)),
+                },
             }
         }
         for job in asks {
             self.ask_dns(job);
         }
+        for (id, reason, why) in refusals {
+            self.refused(reason, format_args!("{why}"));
+            self.abort_flow(id);
+            if let Some(flow) = self.tcp.get_mut(&id) {
+                // Nothing more of it goes to the host.
+                flow.host = None;
+            }
+        }
+    }
+
+    /// Connects an inspected flow to the first of the `addresses` its
+    /// name resolved to that the guest may reach; closes it when none is.
+    fn connect_inspected(&mut self, id: FlowId, addresses: &[std::net::Ipv4Addr]) {
+        let Some(flow) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        let FlowKind::Inspected(inspection) = &mut flow.kind else {
+            return;
+        };
+        let port = inspection.key.1.port();
+        let target = addresses
+            .iter()
+            .find(|ip| self.policy.reachable(**ip).is_ok())
+            .map(|ip| SocketAddr::from((*ip, port)));
+        let stream = match target.map(connect_nonblocking) {
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                tracing::debug!("TCP to {}: {e}; closed", inspection.describe());
+                return self.abort_flow(id);
+            }
+            None => {
+                tracing::debug!(
+                    "TCP to {}: the name has no address the guest may reach; closed",
+                    inspection.describe()
+                );
+                return self.abort_flow(id);
+            }
+        };
+        inspection.connecting();
+        flow.host = Some(stream);
     }
 
     /// Forgets flows whose smoltcp socket has closed, and closes the host
@@ -1015,7 +1188,7 @@ impl Stack {
         }
         for id in gone {
             if let Some(flow) = self.tcp.remove(&id) {
-                if let FlowKind::Outbound(key) | FlowKind::Dns { key, .. } = flow.kind {
+                if let Some(key) = flow.kind.key() {
                     self.tcp_keys.remove(&key);
                 }
                 if let Some(handle) = flow.socket {
@@ -1079,24 +1252,8 @@ fn pump_host(socket: &mut tcp::Socket<'_>, host: HostSide<'_>) {
     ) {
         return;
     }
-    while *host.readable
-        && !*host.eof
-        && socket.may_send()
-        && socket.send_queue() < socket.send_capacity()
-    {
-        let moved = socket.send(|room| moved(stream.read(room)));
-        match moved {
-            Ok(Moved::Bytes) => {}
-            Ok(Moved::Blocked) => *host.readable = false,
-            Ok(Moved::End) => {
-                *host.eof = true;
-                socket.close();
-            }
-            Ok(Moved::Failed) | Err(_) => {
-                socket.abort();
-                return;
-            }
-        }
+    if !host_to_guest(socket, stream, host.readable, host.eof) {
+        return;
     }
     while !*host.write_blocked && socket.can_recv() {
         let moved = socket.recv(|data| moved(stream.write(data)));
@@ -1114,6 +1271,33 @@ fn pump_host(socket: &mut tcp::Socket<'_>, host: HostSide<'_>) {
         *host.guest_eof = true;
         let _ = stream.shutdown(Shutdown::Write);
     }
+}
+
+/// Host to guest while the socket has room and the host has bytes, the
+/// host's close passed on; `false` when the connection failed and was
+/// reset.
+fn host_to_guest(
+    socket: &mut tcp::Socket<'_>,
+    stream: &mut TcpStream,
+    readable: &mut bool,
+    eof: &mut bool,
+) -> bool {
+    while *readable && !*eof && socket.may_send() && socket.send_queue() < socket.send_capacity() {
+        let moved = socket.send(|room| moved(stream.read(room)));
+        match moved {
+            Ok(Moved::Bytes) => {}
+            Ok(Moved::Blocked) => *readable = false,
+            Ok(Moved::End) => {
+                *eof = true;
+                socket.close();
+            }
+            Ok(Moved::Failed) | Err(_) => {
+                socket.abort();
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Reads length-prefixed queries from a DNS-over-TCP connection, one at a
@@ -1222,14 +1406,21 @@ fn start_dns_workers(
                 };
                 // Always an outcome, so a connection waiting for one is
                 // never left waiting: no answer closes it.
-                let answer = dns.answer(&job.query, job.carrier);
-                if done_tx
-                    .send(DnsDone {
-                        answer,
-                        reply_to: job.reply_to,
-                    })
-                    .is_err()
-                {
+                let done = match job {
+                    DnsJob::Query {
+                        query,
+                        carrier,
+                        reply_to,
+                    } => DnsDone::Answer {
+                        answer: dns.answer(&query, carrier),
+                        reply_to,
+                    },
+                    DnsJob::Resolve { name, flow } => DnsDone::Resolved {
+                        flow,
+                        addresses: dns.addresses_for(&name),
+                    },
+                };
+                if done_tx.send(done).is_err() {
                     return;
                 }
                 waker.wake();
@@ -1238,5 +1429,8 @@ fn start_dns_workers(
     Ok((jobs_tx, done))
 }
 
+mod inspected;
 #[cfg(test)]
 mod tests;
+
+use inspected::{flow_target, Inspection};

@@ -410,6 +410,7 @@ fn session_body(managed: &Managed) -> SessionInfo {
         end_reason: end.map(|r| r.to_string()),
         network: managed.networked,
         published: published.iter().map(ports::info).collect(),
+        denied: managed.session.denials().as_ref().map(ports::denied),
     }
 }
 

@@ -8,8 +8,11 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use vmette::{Nat, Network, PortMapping, PublishedPort};
-use vmette_api::{ErrorBody, NetworkRequest, PortRequest, PublishedPortInfo};
+use vmette::{
+    AllowedCidr, AllowedHost, Allowlist, BadRule, DenialCounts, Egress, Nat, Network, PortMapping,
+    PublishedPort, MAX_RULES,
+};
+use vmette_api::{DeniedCounts, ErrorBody, NetworkRequest, PortRequest, PublishedPortInfo};
 
 use crate::api::{blocking, ApiError, ApiJson, ApiPath, ApiResult, Daemon};
 use crate::openapi::{JsonBodyFailures, PortPath, SessionPath};
@@ -37,11 +40,52 @@ pub fn network(request: &NetworkRequest) -> ApiResult<Network> {
         })
         .transpose()?;
     Ok(Network::Nat(Nat {
-        outbound: request.outbound,
+        egress: egress(request)?,
         host_ports: request.host_ports.clone(),
         publish,
         dns,
     }))
+}
+
+/// Where the request lets the guest's connections go: only where its
+/// allow lists say, when it has any.
+fn egress(request: &NetworkRequest) -> ApiResult<Egress> {
+    if request.allow_hosts.is_empty() && request.allow_cidrs.is_empty() {
+        return Ok(if request.outbound {
+            Egress::Open
+        } else {
+            Egress::Closed
+        });
+    }
+    if request.allow_hosts.len() > MAX_RULES || request.allow_cidrs.len() > MAX_RULES {
+        return Err(invalid(format!(
+            "at most {MAX_RULES} hosts and {MAX_RULES} address ranges can be allowed"
+        )));
+    }
+    let hosts = request
+        .allow_hosts
+        .iter()
+        .map(|text| text.parse().map_err(|e: BadRule| invalid(e.to_string())))
+        .collect::<ApiResult<Vec<AllowedHost>>>()?;
+    let cidrs = request
+        .allow_cidrs
+        .iter()
+        .map(|text| text.parse().map_err(|e: BadRule| invalid(e.to_string())))
+        .collect::<ApiResult<Vec<AllowedCidr>>>()?;
+    Ok(Egress::Allowlist(Allowlist { hosts, cidrs }))
+}
+
+/// A session's refusals as the API shows them.
+pub fn denied(counts: &DenialCounts) -> DeniedCounts {
+    DeniedCounts {
+        dns: counts.dns,
+        ip: counts.ip,
+        sni: counts.sni,
+        host: counts.host,
+        port: counts.port,
+        udp: counts.udp,
+        rebind: counts.rebind,
+    }
 }
 
 fn mapping(request: &PortRequest) -> ApiResult<PortMapping> {

@@ -7,10 +7,25 @@
   netlab.py watch IFACE LOG   logs every IPv4 packet that arrives on IFACE
                               (the stand-in for every address the tests name
                               and expect nothing to reach)
+  netlab.py web DIR ROOT CERT KEY ADDRESS...
+                              on each ADDRESS, HTTP/1.1 on 80 and HTTPS on 443
+                              serving ROOT; logs to DIR/web-ADDRESS.log:
+                                http HOST METHOD PATH    a request on 80
+                                tls SNI                  a handshake on 443
+                                tls-failed SNI REASON    one that failed
+                                https SNI METHOD PATH    a request on 443
+                              (HOST and SNI are - when absent)
+  netlab.py tcp LOG ADDRESS:PORT...
+                              answers `hello from ADDRESS:PORT` to each
+                              connection and logs `connect ADDRESS:PORT`
 """
 
+import functools
+import http.server
+import os
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -22,11 +37,25 @@ NAMES = {
     "loop.test": ("A", "127.0.0.1"),
     "meta.test": ("A", "169.254.169.254"),
     "private.test": ("A", "10.0.0.1"),
+    # The egress allowlist's hosts (netlab.rs names their addresses).
+    "allowed.test": ("A", "198.18.1.10"),
+    "denied.test": ("A", "198.18.2.10"),
+    "cdn.test": ("A", "198.18.3.10"),
+    "img.cdn.test": ("A", "198.18.3.10"),
+    "lo.rebind.test": ("A", "127.0.0.1"),
+    "private.rebind.test": ("A", "10.0.0.5"),
 }
+
+# Long enough that no answer a test's guest received expires while the
+# test runs (the egress allowlist binds addresses to names for a TTL).
+TTL = 600
+
+# The web and TCP servers log from many threads.
+LOG_LOCK = threading.Lock()
 
 
 def log_line(path, line):
-    with open(path, "a") as log:
+    with LOG_LOCK, open(path, "a") as log:
         log.write(line + "\n")
 
 
@@ -61,12 +90,12 @@ def answer(packet, log):
         kind, value = NAMES[current]
         if kind == "CNAME":
             rdata = encode_name(value)
-            records.append(encode_name(current) + struct.pack("!HHIH", 5, 1, 30, len(rdata)) + rdata)
+            records.append(encode_name(current) + struct.pack("!HHIH", 5, 1, TTL, len(rdata)) + rdata)
             current = value
             continue
         if qtype == 1:
             rdata = socket.inet_aton(value)
-            records.append(encode_name(current) + struct.pack("!HHIH", 1, 1, 30, 4) + rdata)
+            records.append(encode_name(current) + struct.pack("!HHIH", 1, 1, TTL, 4) + rdata)
         break
     rcode = 0 if name in NAMES else 3
     flags = 0x8180 | rcode
@@ -125,6 +154,96 @@ def watch(iface, log):
         log_line(log, f"{src} {dst} {proto} {port}")
 
 
+def web_handler(address, root, log, scheme):
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        # Keep-alive, so a test can send a second request on a connection:
+        # every answer has a Content-Length.
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            if scheme == "http":
+                seen = self.headers.get("Host", "-")
+            else:
+                seen = getattr(self.connection, "sni", None) or "-"
+            log_line(log, f"{scheme} {seen} {self.command} {self.path}")
+            if os.path.isfile(self.translate_path(self.path)):
+                return super().do_GET()
+            body = f"hello from {address}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return functools.partial(Handler, directory=root)
+
+
+def serve_web(directory, root, cert, key, addresses):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    def remember_sni(sock, name, _context):
+        # The handshake's SNI, for the log (None: the client sent none).
+        sock.sni = name
+
+    context.sni_callback = remember_sni
+
+    class Tls(http.server.ThreadingHTTPServer):
+        def finish_request(self, request, client_address):
+            # In the request's thread: a slow or broken ClientHello holds
+            # only its own connection.
+            request.settimeout(30)
+            tls = context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            try:
+                tls.do_handshake()
+            except (OSError, ssl.SSLError) as e:
+                sni = getattr(tls, "sni", None) or "-"
+                log_line(self.log, f"tls-failed {sni} {type(e).__name__}")
+                tls.close()
+                return
+            log_line(self.log, f"tls {getattr(tls, 'sni', None) or '-'}")
+            self.RequestHandlerClass(tls, client_address, self)
+
+    http.server.ThreadingHTTPServer.allow_reuse_address = True
+    servers = []
+    for address in addresses:
+        log = os.path.join(directory, f"web-{address}.log")
+        plain = http.server.ThreadingHTTPServer((address, 80), web_handler(address, root, log, "http"))
+        tls = Tls((address, 443), web_handler(address, root, log, "https"))
+        tls.log = log
+        servers += [plain, tls]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    for address in addresses:
+        log_line(os.path.join(directory, f"web-{address}.log"), "ready")
+    threading.Event().wait()
+
+
+def serve_tcp(log, endpoints):
+    def serve(listener, name):
+        while True:
+            conn, _peer = listener.accept()
+            log_line(log, f"connect {name}")
+            try:
+                conn.sendall(f"hello from {name}\n".encode())
+            except OSError:
+                pass
+            conn.close()
+
+    for endpoint in endpoints:
+        address, port = endpoint.rsplit(":", 1)
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((address, int(port)))
+        listener.listen(64)
+        threading.Thread(target=serve, args=(listener, endpoint), daemon=True).start()
+    log_line(log, "ready")
+    threading.Event().wait()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "dns":
         serve_dns(sys.argv[2], sys.argv[3])
@@ -132,5 +251,9 @@ if __name__ == "__main__":
         echo(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "watch":
         watch(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "web":
+        serve_web(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
+    elif sys.argv[1] == "tcp":
+        serve_tcp(sys.argv[2], sys.argv[3:])
     else:
         sys.exit(__doc__)

@@ -11,6 +11,14 @@
 //! reached nothing. `ip netns exec` also puts this lab's `resolv.conf` and
 //! `hosts` over the host's for vmette, so the stack's default resolver
 //! path asks the lab's DNS server.
+//!
+//! For the egress allowlist, `start_egress` adds hosts that log what
+//! reaches them: web servers (HTTP/1.1 on 80, HTTPS on 443 with a
+//! certificate of a CA made at start) on `allowed.test`, `denied.test`
+//! and `cdn.test` (with `img.cdn.test`), and raw TCP servers on
+//! 198.18.5.2:8080, 198.18.5.2:8081 and 198.18.5.3:8080. The DNS server
+//! also answers `lo.rebind.test` (127.0.0.1) and `private.rebind.test`
+//! (10.0.0.5), addresses only the watcher sees.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +30,49 @@ pub const WEB: &str = "198.18.0.10";
 pub const DNS: &str = "198.18.0.53";
 /// The UDP echo server's port, on the web server's address.
 pub const UDP_ECHO: u16 = 7007;
+/// `allowed.test`'s web server.
+pub const ALLOWED: &str = "198.18.1.10";
+/// `denied.test`'s web server.
+pub const DENIED: &str = "198.18.2.10";
+/// The web server of `cdn.test` and `img.cdn.test`.
+pub const CDN: &str = "198.18.3.10";
+/// The raw TCP server on ports 8080 and 8081.
+pub const RAW: &str = "198.18.5.2";
+/// Its neighbour, a raw TCP server on port 8080.
+pub const RAW_NEIGHBOUR: &str = "198.18.5.3";
+/// Where the raw TCP servers listen.
+const RAW_ENDPOINTS: [&str; 3] = ["198.18.5.2:8080", "198.18.5.2:8081", "198.18.5.3:8080"];
+
+/// The test CA's `openssl ca` configuration: certificates valid from 2000,
+/// so a guest clock a little behind the host's still accepts them.
+const CA_CONFIG: &str = "\
+[ca]
+default_ca = lab
+[lab]
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = anything
+unique_subject = no
+[anything]
+commonName = supplied
+[req]
+distinguished_name = name
+prompt = no
+[name]
+CN = placeholder
+[authority]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:allowed.test, DNS:denied.test, DNS:cdn.test, DNS:*.cdn.test
+authorityKeyIdentifier = keyid
+";
 
 pub struct NetLab {
     name: String,
@@ -93,7 +144,7 @@ impl NetLab {
         in_world(&["link", "set", "lo", "up"]);
         in_world(&["link", "set", &b, "up"]);
         in_world(&["addr", "add", "198.18.0.2/24", "dev", &b]);
-        for host in [WEB, DNS] {
+        for host in [WEB, DNS, ALLOWED, DENIED, CDN, RAW, RAW_NEIGHBOUR] {
             in_world(&["addr", "add", &format!("{host}/32"), "dev", &b]);
         }
         // The lab's resolver files, which `ip netns exec` mounts over the
@@ -168,6 +219,83 @@ impl NetLab {
         self.children.push(web);
         self.wait_for_port(&world, WEB, 80);
         self
+    }
+
+    /// Starts the test hosts and the egress allowlist's: the web servers
+    /// of `allowed.test`, `denied.test` and `cdn.test`, serving `www()`,
+    /// and the raw TCP servers. `share()` holds what the guest needs: the
+    /// test CA's certificate (`ca.pem`) and the probes (`probe.py`).
+    pub fn start_egress(self) -> NetLab {
+        let (www, share, certs) = (self.www(), self.share(), self.path("certs"));
+        for dir in [&www, &share, &certs] {
+            std::fs::create_dir_all(dir).expect("lab directory");
+        }
+        certificates(&certs);
+        std::fs::copy(certs.join("ca.pem"), share.join("ca.pem")).expect("CA certificate");
+        let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
+        std::fs::copy(support.join("probe.py"), share.join("probe.py")).expect("probe.py");
+        let mut lab = self.start(&www);
+        let script = support.join("netlab.py");
+        let script = script.to_str().unwrap_or_default();
+        let world = lab.world_ns();
+        let (dir, tcp_log) = (lab.dir.path().to_path_buf(), lab.path("tcp.log"));
+        let (cert, key) = (certs.join("server.pem"), certs.join("server.key"));
+        let mut web = vec![
+            script,
+            "web",
+            dir.to_str().unwrap_or_default(),
+            www.to_str().unwrap_or_default(),
+            cert.to_str().unwrap_or_default(),
+            key.to_str().unwrap_or_default(),
+        ];
+        web.extend([ALLOWED, DENIED, CDN]);
+        let child = lab.in_ns(&world, "python3", &web);
+        lab.children.push(child);
+        let mut tcp = vec![script, "tcp", tcp_log.to_str().unwrap_or_default()];
+        tcp.extend(RAW_ENDPOINTS);
+        let child = lab.in_ns(&world, "python3", &tcp);
+        lab.children.push(child);
+        // Ready lines, not test connections, which would be in the logs.
+        for log in [ALLOWED, DENIED, CDN]
+            .map(|a| lab.path(&format!("web-{a}.log")))
+            .into_iter()
+            .chain([tcp_log])
+        {
+            wait_for(|| std::fs::read_to_string(&log).is_ok_and(|t| t.contains("ready")));
+        }
+        lab
+    }
+
+    /// The egress web servers' root.
+    pub fn www(&self) -> PathBuf {
+        self.path("www")
+    }
+
+    /// The directory a test shares into the guest at `/lab`.
+    pub fn share(&self) -> PathBuf {
+        self.path("share")
+    }
+
+    /// What the web server on `address` logged, in order (see netlab.py:
+    /// `http HOST METHOD PATH`, `tls SNI`, `tls-failed SNI REASON`,
+    /// `https SNI METHOD PATH`).
+    pub fn web_log(&self, address: &str) -> Vec<String> {
+        std::fs::read_to_string(self.path(&format!("web-{address}.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l != "ready")
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many connections the raw TCP server on `endpoint`
+    /// (`ADDRESS:PORT`) accepted.
+    pub fn connections_to(&self, endpoint: &str) -> usize {
+        std::fs::read_to_string(self.path("tcp.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.strip_prefix("connect ") == Some(endpoint))
+            .count()
     }
 
     /// Starts an HTTP server in the vmette namespace, on `bind` (its
@@ -257,6 +385,99 @@ impl NetLab {
             .filter(|l| l.split(' ').nth(1) == Some(address))
             .map(str::to_string)
             .collect()
+    }
+}
+
+/// A test CA in `dir` (`ca.pem`) and the web servers' certificate
+/// (`server.pem`, `server.key`) for `allowed.test`, `denied.test`,
+/// `cdn.test` and `*.cdn.test`, made with the `openssl` binary.
+fn certificates(dir: &Path) {
+    std::fs::write(dir.join("ca.cnf"), CA_CONFIG).expect("CA configuration");
+    std::fs::write(dir.join("index.txt"), "").expect("CA database");
+    std::fs::write(dir.join("serial"), "01\n").expect("CA serial");
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let sign = [
+        "ca", "-batch", "-config", "ca.cnf", "-keyfile", "ca.key", "-notext",
+    ];
+    let valid = [
+        "-startdate",
+        "20000101000000Z",
+        "-enddate",
+        "20991231235959Z",
+    ];
+    for args in [
+        [
+            &[
+                "req",
+                "-new",
+                "-config",
+                "ca.cnf",
+                "-subj",
+                "/CN=vmette-test-ca",
+            ][..],
+            &key,
+            &["-keyout", "ca.key", "-out", "ca.csr"],
+        ]
+        .concat(),
+        [
+            &sign[..],
+            &valid,
+            &[
+                "-selfsign",
+                "-extensions",
+                "authority",
+                "-in",
+                "ca.csr",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+        [
+            &[
+                "req",
+                "-new",
+                "-config",
+                "ca.cnf",
+                "-subj",
+                "/CN=allowed.test",
+            ][..],
+            &key,
+            &["-keyout", "server.key", "-out", "server.csr"],
+        ]
+        .concat(),
+        [
+            &sign[..],
+            &valid,
+            &[
+                "-cert",
+                "ca.pem",
+                "-extensions",
+                "server",
+                "-in",
+                "server.csr",
+                "-out",
+                "server.pem",
+            ],
+        ]
+        .concat(),
+    ] {
+        let output = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 

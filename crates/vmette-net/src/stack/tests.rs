@@ -98,7 +98,11 @@ impl Guest {
 fn policy(host_ports: Vec<u16>, outbound: bool) -> Policy {
     Policy {
         gateway: GATEWAY,
-        outbound,
+        egress: if outbound {
+            vmette_core::Egress::Open
+        } else {
+            vmette_core::Egress::Closed
+        },
         host_ports,
     }
 }
@@ -110,13 +114,22 @@ fn lab(policy: Policy, frame_limit: usize) -> (Stack, Handle, Guest) {
     guest_end.set_nonblocking(true).expect("non-blocking");
     // Nothing listens on the discard port: no query gets an answer.
     let upstream = ResolverConfig::upstream(vec!["127.0.0.1:9".parse().expect("address")]);
+    let bindings = Arc::new(Mutex::new(Bindings::default()));
+    let denials = Arc::new(Denials::default());
     let dns = Dns::new(
         upstream,
         policy.clone(),
-        Arc::new(Mutex::new(Bindings::default())),
+        Arc::clone(&bindings),
+        Arc::clone(&denials),
     );
-    let (stack, handle) =
-        Stack::new(Frames::new(OwnedFd::from(stack_end), MTU), policy, dns).expect("stack");
+    let (stack, handle) = Stack::new(
+        Frames::new(OwnedFd::from(stack_end), MTU),
+        policy,
+        dns,
+        bindings,
+        denials,
+    )
+    .expect("stack");
     let mut nic = GuestNic {
         socket: guest_end,
         reading: true,
@@ -430,6 +443,7 @@ fn without_outbound_dns_asks_no_upstream() {
         ResolverConfig::upstream(vec![upstream.local_addr().expect("address")]),
         policy(vec![], false),
         Arc::new(Mutex::new(Bindings::default())),
+        Arc::new(Denials::default()),
     );
     let query = dns_query("c2VjcmV0.exfil.test.", hickory_proto::rr::RecordType::TXT);
     let answer = dns
@@ -444,4 +458,113 @@ fn without_outbound_dns_asks_no_upstream() {
         upstream.recv(&mut [0u8; 512]).is_err(),
         "the upstream was asked"
     );
+}
+
+/// A guest under `--allow-host allowed.test` whose DNS bound
+/// 198.18.1.10 to allowed.test.
+fn allowlist_lab() -> (Stack, Handle, Guest) {
+    let policy = Policy {
+        gateway: GATEWAY,
+        egress: vmette_core::Egress::Allowlist(vmette_core::Allowlist {
+            hosts: vec!["allowed.test".parse().expect("rule")],
+            cidrs: Vec::new(),
+        }),
+        host_ports: Vec::new(),
+    };
+    let (stack, handle, guest) = lab(policy, full_size());
+    lock(&stack.bindings).bind(ALLOWED, "allowed.test");
+    (stack, handle, guest)
+}
+
+const ALLOWED: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 1, 10);
+
+/// Connects to `to`, sends `bytes` once connected, and turns the loop
+/// for a second: whether the connection was ever established.
+fn send_and_wait(stack: &mut Stack, guest: &mut Guest, to: SocketAddrV4, bytes: &[u8]) -> bool {
+    let handle = guest.connect(to, 40100, 65536, 65536);
+    let mut established = false;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        guest.poll();
+        stack.turn().expect("turn");
+        let socket = guest.tcp(handle);
+        if socket.state() == tcp::State::Established && !established {
+            established = true;
+            socket.send_slice(bytes).expect("send");
+        }
+    }
+    assert_eq!(
+        guest.tcp(handle).state(),
+        tcp::State::Closed,
+        "the connection to {to} was not closed"
+    );
+    guest.sockets.remove(handle);
+    established
+}
+
+#[test]
+fn an_allowed_address_is_read_before_anything_opens_and_refusals_count_once() {
+    let (mut stack, _handle, mut guest) = allowlist_lab();
+    let https = SocketAddrV4::new(ALLOWED, 443);
+    let hello = crate::inspect::tls::tests::named(b"denied.test");
+    assert!(send_and_wait(&mut stack, &mut guest, https, &hello));
+    assert_eq!(stack.denials.snapshot().sni, 1);
+
+    let http = SocketAddrV4::new(ALLOWED, 80);
+    let request = b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n";
+    assert!(send_and_wait(&mut stack, &mut guest, http, request));
+    assert_eq!(stack.denials.snapshot().host, 1);
+
+    // Another port of the allowed address, and any port of another one,
+    // are refused at the SYN.
+    let ssh = SocketAddrV4::new(ALLOWED, 22);
+    assert!(!send_and_wait(&mut stack, &mut guest, ssh, b""));
+    let raw = SocketAddrV4::new([198, 18, 2, 10].into(), 443);
+    assert!(!send_and_wait(&mut stack, &mut guest, raw, b""));
+    let counts = stack.denials.snapshot();
+    assert_eq!((counts.port, counts.ip), (1, 1), "{counts}");
+    assert_eq!(counts.total(), 4, "{counts}");
+    assert!(stack.tcp.is_empty(), "a refused flow was kept");
+}
+
+#[test]
+fn a_connection_that_names_nothing_in_time_is_closed() {
+    let (mut stack, _handle, mut guest) = allowlist_lab();
+    let https = SocketAddrV4::new(ALLOWED, 443);
+    // Half a ClientHello, then silence.
+    let hello = crate::inspect::tls::tests::named(b"allowed.test");
+    let handle = guest.connect(https, 40200, 65536, 65536);
+    let start = Instant::now();
+    let mut sent = false;
+    while start.elapsed() < Duration::from_secs(1) {
+        guest.poll();
+        stack.turn().expect("turn");
+        let socket = guest.tcp(handle);
+        if socket.state() == tcp::State::Established && !sent {
+            sent = true;
+            socket.send_slice(&hello[..20]).expect("send");
+        }
+    }
+    assert!(sent);
+    for flow in stack.tcp.values_mut() {
+        if let FlowKind::Inspected(inspection) = &mut flow.kind {
+            inspection.age(Duration::from_secs(11));
+        }
+    }
+    // The stack resets the guest's connection and forgets it.
+    stack.turn().expect("turn");
+    let mut frame = [0u8; 2000];
+    let mut reset = false;
+    while let Ok(n) = guest.nic.socket.recv(&mut frame) {
+        let Ok(ip) = Ipv4Packet::new_checked(&frame[ETHERNET_HEADER..n]) else {
+            continue;
+        };
+        let Ok(segment) = TcpPacket::new_checked(ip.payload()) else {
+            continue;
+        };
+        reset |= segment.rst() && segment.src_port() == 443 && segment.dst_port() == 40200;
+    }
+    assert!(reset, "no reset for the silent connection");
+    assert!(stack.tcp.is_empty());
+    assert_eq!(stack.denials.snapshot().sni, 1);
 }

@@ -1,0 +1,68 @@
+//! What a connection is for, read from its first bytes. The egress
+//! allowlist names hosts, but a guest's TCP connection carries only an
+//! address, which many names share and which the guest may have chosen
+//! itself. So for HTTPS and plain HTTP the stack accepts the guest's
+//! connection, reads what the guest sends on the host, and learns the name
+//! the connection is for (the TLS ClientHello's server name, the HTTP
+//! request's Host) before it connects anywhere upstream; then it keeps
+//! reading every request of a plain-HTTP connection, so a keep-alive
+//! connection cannot turn to another host after its first request.
+//!
+//! * [`tls::client_hello`]: the server name of a ClientHello, reassembled
+//!   from whatever records and segments it came in;
+//! * [`http::RequestGate`]: how much of a guest's plain-HTTP stream may go
+//!   upstream, request by request.
+//!
+//! Both only look: the guest is hostile, so every length it declares is
+//! bounded before it is trusted, and nothing here panics or allocates
+//! more than a request head or a hello.
+
+pub mod http;
+pub mod tls;
+
+use crate::resolver::normalized_name;
+
+/// `name` as the allowlist compares it (lowercase, no trailing dot), if
+/// it is a host name: labels of letters, digits, `-` and `_`, none empty,
+/// none over 63 bytes or starting or ending with `-`, 253 bytes in all.
+fn host_name(name: &str) -> Option<String> {
+    normalized_name(name).filter(|name| {
+        name.split('.')
+            .all(|label| !label.starts_with('-') && !label.ends_with('-'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_are_normalized() {
+        assert_eq!(host_name("Allowed.TEST."), Some("allowed.test".into()));
+        assert_eq!(host_name("a_b.test"), Some("a_b.test".into()));
+        assert_eq!(host_name("10.0.0.1"), Some("10.0.0.1".into()));
+    }
+
+    #[test]
+    fn what_is_not_a_host_name() {
+        let long_label = "a".repeat(64);
+        let long_name = ["a"; 127].join(".") + ".bb";
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            ".a",
+            "-a.test",
+            "a-.test",
+            "a b.test",
+            "a*.test",
+            "[::1]",
+            "a:80",
+            "é.test",
+            long_label.as_str(),
+            long_name.as_str(),
+        ] {
+            assert_eq!(host_name(bad), None, "{bad:?}");
+        }
+    }
+}
