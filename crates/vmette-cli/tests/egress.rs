@@ -22,7 +22,7 @@ use std::process::{Command, Output};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use support::netlab::{NetLab, ALLOWED, CDN, DENIED, RAW, RAW_NEIGHBOUR};
+use support::netlab::{one, NetLab, ALLOWED, CDN, DENIED, RAW, RAW_NEIGHBOUR};
 use support::{code, stderr, stdout, Sandbox};
 
 const BIG: usize = 100 << 20;
@@ -55,32 +55,6 @@ fn lab() -> NetLab {
 /// `/lab` in the guest.
 fn share(lab: &NetLab) -> String {
     format!("{}:/lab", lab.share().display())
-}
-
-/// Runs vmette with `args` inside the lab's namespace.
-fn run_in(lab: &NetLab, sandbox: &Sandbox, args: &[&str]) -> Output {
-    let child = lab
-        .wrap(&sandbox.command(args))
-        .spawn()
-        .expect("spawn vmette");
-    let output = support::wait_with_limit(child, support::RUN_LIMIT);
-    sandbox.assert_clean();
-    output
-}
-
-/// The lines of `text` that start with `label:`, without it.
-fn marked<'a>(text: &'a str, label: &str) -> Vec<&'a str> {
-    let prefix = format!("{label}:");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .map(str::trim)
-        .collect()
-}
-
-fn one(text: &str, label: &str) -> String {
-    let found = marked(text, label);
-    assert_eq!(found.len(), 1, "{label} in {text}");
-    found[0].to_string()
 }
 
 /// The summary `vmette -v run` prints at exit for these counts.
@@ -134,8 +108,7 @@ fn an_allowed_name_works_and_nothing_else_reaches_its_target() {
            'quic=udp {ALLOWED} 443 1200' 'big-query=bigquery padded.test'"
     );
     let share = share(&lab);
-    let output = run_in(
-        &lab,
+    let output = lab.run(
         &sandbox,
         &[
             "-v",
@@ -427,7 +400,7 @@ fn a_download_through_the_allowlist_against_plain_net() {
         args.extend(flags);
         let script = download(&url);
         args.extend(["toolbox", "--", "sh", "-c", &script]);
-        let output = run_in(&lab, &sandbox, &args);
+        let output = lab.run(&sandbox, &args);
         let out = stdout(&output);
         assert_eq!(code(&output), 0, "{url}: {out}{}", stderr(&output));
         assert_eq!(one(&out, "sha"), sha, "{url}: the download arrived changed");

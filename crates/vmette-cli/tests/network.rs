@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use support::netlab::{NetLab, DNS, UDP_ECHO, WEB};
+use support::netlab::{one, NetLab, DNS, UDP_ECHO, WEB};
 use support::{code, stderr, stdout, Sandbox};
 
 const BIG: usize = 100 << 20;
@@ -60,32 +60,6 @@ fn sha256_of(path: &Path) -> String {
         .to_string()
 }
 
-/// Runs vmette with `args` inside the lab's namespace.
-fn run_in(lab: &NetLab, sandbox: &Sandbox, args: &[&str]) -> Output {
-    let child = lab
-        .wrap(&sandbox.command(args))
-        .spawn()
-        .expect("spawn vmette");
-    let output = support::wait_with_limit(child, support::RUN_LIMIT);
-    sandbox.assert_clean();
-    output
-}
-
-/// The lines of `text` that start with `label:`, without it.
-fn marked<'a>(text: &'a str, label: &str) -> Vec<&'a str> {
-    let prefix = format!("{label}:");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .map(str::trim)
-        .collect()
-}
-
-fn one(text: &str, label: &str) -> String {
-    let found = marked(text, label);
-    assert_eq!(found.len(), 1, "{label} in {text}");
-    found[0].to_string()
-}
-
 #[test]
 fn without_a_network_the_guest_has_only_lo() {
     let (lab, _web, _) = lab();
@@ -93,11 +67,7 @@ fn without_a_network_the_guest_has_only_lo() {
     let script = format!(
         "echo links: $(ls /sys/class/net); curl -sS -m 5 http://{WEB}/ >/dev/null 2>&1; echo curl: $?"
     );
-    let output = run_in(
-        &lab,
-        &sandbox,
-        &["run", "toolbox", "--", "sh", "-c", &script],
-    );
+    let output = lab.run(&sandbox, &["run", "toolbox", "--", "sh", "-c", &script]);
     let out = stdout(&output);
     assert_eq!(code(&output), 0, "{}", stderr(&output));
     assert_eq!(one(&out, "links"), "lo");
@@ -139,8 +109,7 @@ fn nat_reaches_test_hosts_and_the_stack_answers_dns_everywhere() {
          echo dig-tcp: $(dig +tcp +short +tries=1 +time=5 @1.1.1.1 web.test); \
          python3 -c \"$PING\" {WEB} {UDP_ECHO}"
     );
-    let output = run_in(
-        &lab,
+    let output = lab.run(
         &sandbox,
         &[
             "run",
@@ -217,8 +186,7 @@ fn the_host_private_ranges_and_rebinding_names_stay_out_of_reach() {
         probe("web", "http://web.test/"),
     ]
     .concat();
-    let output = run_in(
-        &lab,
+    let output = lab.run(
         &sandbox,
         &[
             "run",

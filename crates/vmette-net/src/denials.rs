@@ -1,9 +1,14 @@
 //! The count of what the stack refused one guest, by reason, shared by the
 //! loop, the DNS workers and the attachment that reports it.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use vmette_core::DenialCounts;
+
+use crate::lock;
+use crate::throttle::Throttle;
 
 /// Why a flow or query was refused, as the counts group it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,16 +30,30 @@ pub enum Reason {
 }
 
 /// Counts by reason; each flow or query is counted once by whoever
-/// refuses it.
-#[derive(Debug, Default)]
+/// refuses it, and logged (at `info`, which `-v` shows) at most every few
+/// seconds, since a guest refuses itself as often as it likes.
 pub struct Denials {
     counts: [AtomicU64; 7],
+    log: Mutex<Throttle>,
+}
+
+impl Default for Denials {
+    fn default() -> Denials {
+        Denials {
+            counts: Default::default(),
+            log: Mutex::new(Throttle::new()),
+        }
+    }
 }
 
 impl Denials {
-    /// Counts one refusal.
-    pub fn count(&self, reason: Reason) {
+    /// Counts one refusal of `what` and logs it, unless one was logged
+    /// moments ago.
+    pub fn refuse(&self, reason: Reason, what: fmt::Arguments<'_>) {
         self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(quiet) = lock(&self.log).admit() {
+            tracing::info!("refused {what} ({quiet} more refused since the last message)");
+        }
     }
 
     /// The counts now.
@@ -69,7 +88,7 @@ mod tests {
             (Reason::Rebind, 7),
         ] {
             for _ in 0..times {
-                denials.count(reason);
+                denials.refuse(reason, format_args!("a test"));
             }
         }
         let counts = denials.snapshot();

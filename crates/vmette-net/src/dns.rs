@@ -132,10 +132,9 @@ impl Dns {
         if query.len() > QUERY_LIMIT {
             let refused = refused_unread(query);
             if refused.is_some() {
-                self.denials.count(Reason::Dns);
-                tracing::info!(
-                    bytes = query.len(),
-                    "DNS: refused a query over {QUERY_LIMIT} bytes"
+                self.denials.refuse(
+                    Reason::Dns,
+                    format_args!("a DNS query of {} bytes, over {QUERY_LIMIT}", query.len()),
                 );
             }
             return refused;
@@ -203,8 +202,10 @@ impl Dns {
     }
 
     fn refuse_name(&self, mut reply: Message, asked: &str) -> Message {
-        self.denials.count(Reason::Dns);
-        tracing::info!(name = asked, "DNS: refused a name the guest may not reach");
+        self.denials.refuse(
+            Reason::Dns,
+            format_args!("to resolve {asked}: the guest may not reach it"),
+        );
         reply.metadata.response_code = ResponseCode::NXDomain;
         reply
     }
@@ -229,10 +230,9 @@ impl Dns {
             .filter(|ip| self.policy.answerable(*ip))
             .collect();
         if allowed.is_empty() {
-            self.denials.count(Reason::Rebind);
-            tracing::info!(
-                name = asked,
-                "DNS: refused, the host file names only addresses the guest may not reach"
+            self.denials.refuse(
+                Reason::Rebind,
+                format_args!("to resolve {asked}: the hosts file names only addresses the guest may not reach"),
             );
             reply.metadata.response_code = ResponseCode::NXDomain;
             return reply;
@@ -288,10 +288,9 @@ impl Dns {
         }
         let has_address = kept.iter().any(|r| matches!(r.data, RData::A(_)));
         if refused && !has_address && question.query_type() == RecordType::A {
-            self.denials.count(Reason::Rebind);
-            tracing::info!(
-                name = asked,
-                "DNS: refused, the name resolves only to addresses the guest may not reach"
+            self.denials.refuse(
+                Reason::Rebind,
+                format_args!("to resolve {asked}: it resolves only to addresses the guest may not reach (rebinding)"),
             );
             reply.metadata.response_code = ResponseCode::NXDomain;
             return reply;
@@ -348,10 +347,9 @@ impl Dns {
             .filter(|ip| self.policy.answerable(*ip))
             .collect();
         if reachable.is_empty() && !found.is_empty() {
-            self.denials.count(Reason::Rebind);
-            tracing::info!(
-                name,
-                "refused a connection: the name resolves only to addresses the guest may not reach"
+            self.denials.refuse(
+                Reason::Rebind,
+                format_args!("a connection to {name}: it resolves only to addresses the guest may not reach (rebinding)"),
             );
         }
         reachable

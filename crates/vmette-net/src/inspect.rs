@@ -32,6 +32,24 @@ fn host_name(name: &str) -> Option<String> {
     })
 }
 
+/// xorshift64: enough randomness to throw bytes at the parsers' tests.
+#[cfg(test)]
+pub(crate) struct Random(pub u64);
+
+#[cfg(test)]
+impl Random {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub(crate) fn below(&mut self, bound: usize) -> usize {
+        usize::try_from(self.next() % bound as u64).expect("a small number")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

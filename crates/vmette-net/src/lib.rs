@@ -33,6 +33,7 @@ mod inspect;
 mod policy;
 pub mod resolver;
 mod stack;
+mod throttle;
 mod wire;
 
 pub use addressing::{guest_network, GATEWAY, GUEST, MTU};

@@ -32,6 +32,7 @@ use crate::denials::{Denials, Reason};
 use crate::dns::{Bindings, Carrier, Dns, QUERY_LIMIT};
 use crate::frames::{Frames, ETHERNET_HEADER};
 use crate::policy::{Policy, Transport, Verdict};
+use crate::throttle::Throttle;
 use crate::wire;
 use crate::{connected_udp, lock};
 
@@ -199,34 +200,6 @@ enum DnsDone {
     },
 }
 
-/// Logs a kind of event at most once per interval, counting the rest.
-struct Throttle {
-    last: Option<Instant>,
-    quiet: u64,
-}
-
-impl Throttle {
-    const INTERVAL: Duration = Duration::from_secs(5);
-
-    fn new() -> Throttle {
-        Throttle {
-            last: None,
-            quiet: 0,
-        }
-    }
-
-    /// How many were not logged since the last one, when this one may be.
-    fn admit(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self.last.is_some_and(|t| now < t + Throttle::INTERVAL) {
-            self.quiet += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.quiet))
-    }
-}
-
 /// Where a ready file descriptor belongs.
 #[derive(Clone, Copy)]
 enum Target {
@@ -260,7 +233,6 @@ pub struct Stack {
     next_port: u16,
     buffer: Vec<u8>,
     refused_full: Throttle,
-    refused_policy: Throttle,
     dns_dropped: Throttle,
 }
 
@@ -324,7 +296,6 @@ impl Stack {
             next_port: *EPHEMERAL.start(),
             buffer: vec![0; usize::from(MTU) + ETHERNET_HEADER + 1],
             refused_full: Throttle::new(),
-            refused_policy: Throttle::new(),
             dns_dropped: Throttle::new(),
         };
         Ok((stack, handle))
@@ -620,20 +591,12 @@ impl Stack {
                 }
             }
             Verdict::Deny(denial) => {
-                self.refused(
+                self.denials.refuse(
                     denial.reason(Transport::Tcp),
                     format_args!("TCP from the guest to {destination}: {denial}"),
                 );
                 refuse(self);
             }
-        }
-    }
-
-    /// Counts a refusal and logs it, at most every few seconds.
-    fn refused(&mut self, reason: Reason, what: std::fmt::Arguments<'_>) {
-        self.denials.count(reason);
-        if let Some(quiet) = self.refused_policy.admit() {
-            tracing::info!("refused {what} ({quiet} more refused since the last message)");
         }
     }
 
@@ -814,7 +777,7 @@ impl Stack {
                 if self.refused_udp.len() < REFUSED_UDP_MEMORY {
                     self.refused_udp.insert(key, now);
                 }
-                self.refused(
+                self.denials.refuse(
                     denial.reason(Transport::Udp),
                     format_args!("UDP from the guest to {destination}: {denial}"),
                 );
@@ -1078,7 +1041,7 @@ impl Stack {
             .collect();
         for (id, reason) in overdue {
             if let Some(reason) = reason {
-                self.refused(
+                self.denials.refuse(
                     reason,
                     format_args!("a connection that named no server in time"),
                 );
@@ -1132,7 +1095,7 @@ impl Stack {
             self.ask_dns(job);
         }
         for (id, reason, why) in refusals {
-            self.refused(reason, format_args!("{why}"));
+            self.denials.refuse(reason, format_args!("{why}"));
             self.abort_flow(id);
             if let Some(flow) = self.tcp.get_mut(&id) {
                 // Nothing more of it goes to the host.

@@ -21,7 +21,7 @@
 //! (10.0.0.5), addresses only the watcher sees.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The web server.
@@ -347,6 +347,18 @@ impl NetLab {
         self.dir.path().join(name)
     }
 
+    /// Runs vmette with `args` inside the lab's vmette namespace, and
+    /// checks that it left nothing behind.
+    pub fn run(&self, sandbox: &super::Sandbox, args: &[&str]) -> Output {
+        let child = self
+            .wrap(&sandbox.command(args))
+            .spawn()
+            .expect("spawn vmette");
+        let output = super::wait_with_limit(child, super::RUN_LIMIT);
+        sandbox.assert_clean();
+        output
+    }
+
     /// `command` run inside the vmette namespace.
     pub fn wrap(&self, command: &Command) -> Command {
         let mut wrapped = Command::new("ip");
@@ -479,6 +491,23 @@ fn certificates(dir: &Path) {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// The lines of `text` that start with `label:`, without it: what the
+/// guests' test scripts print.
+pub fn marked<'a>(text: &'a str, label: &str) -> Vec<&'a str> {
+    let prefix = format!("{label}:");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(str::trim)
+        .collect()
+}
+
+/// The one line of `text` marked `label`.
+pub fn one(text: &str, label: &str) -> String {
+    let found = marked(text, label);
+    assert_eq!(found.len(), 1, "{label} in {text}");
+    found[0].to_string()
 }
 
 fn wait_for(mut ready: impl FnMut() -> bool) {

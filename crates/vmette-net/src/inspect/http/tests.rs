@@ -1,4 +1,5 @@
 use super::*;
+use crate::inspect::Random;
 
 /// What the gate lets through of a guest that sends `chunks` one after
 /// the other, forwarding as the stack would: the bytes forwarded, and the
@@ -436,22 +437,6 @@ fn empty_lines_before_a_request_go_with_its_head() {
         ]
         .concat(),
     );
-}
-
-/// xorshift64: enough randomness to throw bytes at a parser.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        usize::try_from(self.next() % bound as u64).expect("a small number")
-    }
 }
 
 #[test]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::inspect::Random;
 
 // ClientHellos as Python's ssl module (OpenSSL 3.0) wrote them, for
 // `allowed.test` and for no server name: one record of 517 bytes each.
@@ -360,22 +361,6 @@ fn a_server_name_extension_must_hold_a_list() {
     // An entry longer than the list.
     let hello = hello_with(&ext(SERVER_NAME, b"\x00\x05\x00\x00\x03ab"));
     assert_eq!(client_hello(&hello), Hello::Malformed);
-}
-
-/// xorshift64: enough randomness to throw bytes at a parser.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        usize::try_from(self.next() % bound as u64).expect("a small number")
-    }
 }
 
 #[test]
