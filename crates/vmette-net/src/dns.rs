@@ -192,7 +192,14 @@ impl Dns {
         if closed {
             return self.refuse_name(reply, &asked);
         }
-        match self.ask_upstreams(question) {
+        // Asked in lowercase: the letter case the guest chose (DNS 0x20) is
+        // a bit per letter of its own, and must not leave the host.
+        let Ok(owner) = hickory_proto::rr::Name::from_ascii(format!("{asked}.")) else {
+            reply.metadata.response_code = ResponseCode::FormErr;
+            return reply;
+        };
+        let fresh = Query::query(owner, question.query_type());
+        match self.ask_upstreams(&fresh) {
             Some(upstream) => self.filtered(reply, question, &asked, upstream),
             None => {
                 reply.metadata.response_code = ResponseCode::ServFail;
@@ -746,6 +753,106 @@ mod tests {
         assert_eq!(
             bindings.names(Ipv4Addr::from(0xc612_0000 + 20)),
             ["many.test"]
+        );
+    }
+
+    /// A one-shot upstream that answers `answers` and hands back the raw
+    /// query it received.
+    fn recording_upstream(
+        answers: Vec<Record>,
+    ) -> (SocketAddr, std::sync::mpsc::Receiver<Vec<u8>>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let address = socket.local_addr().expect("address");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 2048];
+            let Ok((n, from)) = socket.recv_from(&mut buffer) else {
+                return;
+            };
+            let _ = tx.send(buffer[..n].to_vec());
+            let request = Message::from_vec(&buffer[..n]).expect("parse");
+            let mut reply = reply_to(&request, ResponseCode::NoError);
+            reply.answers = answers;
+            let _ = socket.send_to(&reply.to_vec().expect("encode"), from);
+        });
+        (address, rx)
+    }
+
+    /// A query for the raw `labels`, as a guest may write them.
+    fn raw_query(labels: &[&[u8]], kind: u16) -> Vec<u8> {
+        let mut bytes = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in labels {
+            bytes.push(u8::try_from(label.len()).expect("label"));
+            bytes.extend_from_slice(label);
+        }
+        bytes.push(0);
+        bytes.extend_from_slice(&kind.to_be_bytes());
+        bytes.extend_from_slice(&[0, 1]);
+        bytes
+    }
+
+    /// Hostile: the letter case of an allowed name (DNS 0x20) is a bit per
+    /// letter the guest chooses; the upstream must see only the name.
+    #[test]
+    fn hostile_the_guest_case_of_an_allowed_name_does_not_leave_the_host() {
+        let (server, asked) = recording_upstream(vec![a("allowed.test.", [198, 18, 0, 10])]);
+        let (dns, _, _) = resolver_with(
+            ResolverConfig::upstream(vec![server]),
+            allowing(&["allowed.test"]),
+        );
+        let reply = parse(dns.answer(&query("AlLoWeD.tEsT.", RecordType::A), Carrier::Udp));
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        let sent = asked
+            .recv_timeout(Duration::from_secs(2))
+            .expect("asked upstream");
+        let sent = Message::from_vec(&sent).expect("parse");
+        assert_eq!(
+            sent.queries[0].name().to_string(),
+            "allowed.test.",
+            "the upstream saw the guest's letter case"
+        );
+    }
+
+    /// Hostile: a label holding a dot, a backslash or non-ASCII bytes is
+    /// never matched as an allowed name, nor asked upstream.
+    #[test]
+    fn hostile_labels_with_dots_escapes_or_unicode_are_not_allowed_names() {
+        let (server, asked) = recording_upstream(vec![]);
+        let (dns, _, _) = resolver_with(
+            ResolverConfig::upstream(vec![server]),
+            allowing(&["*.allowed.test", "allowed.test"]),
+        );
+        for labels in [
+            &[&b"secret.x"[..], b"allowed", b"test"][..],
+            &[b"allowed.test"],
+            &[b"x", b"allowed\\", b"test"],
+            &[b"x\0", b"allowed", b"test"],
+            &[b"x", "allowed\u{3002}test".as_bytes()],
+            &["exfil\u{3002}allowed".as_bytes(), b"test"],
+            &["\u{ff41}llowed".as_bytes(), b"test"],
+            &[b"x", b"allowed", b"test", "\u{00ad}".as_bytes()],
+            &[
+                &[b'a'; 63][..],
+                &[b'b'; 63],
+                &[b'c'; 63],
+                &[b'd'; 50],
+                b"allowed",
+                b"test",
+            ],
+        ] {
+            let reply = dns.answer(&raw_query(labels, 16), Carrier::Udp);
+            if let Some(reply) = reply {
+                let reply = Message::from_vec(&reply).expect("parse");
+                assert_ne!(
+                    reply.metadata.response_code,
+                    ResponseCode::NoError,
+                    "{labels:?}"
+                );
+            }
+        }
+        assert!(
+            asked.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a hostile name was asked upstream"
         );
     }
 }

@@ -446,4 +446,62 @@ mod tests {
         assert_eq!(Denial::NotAllowed.reason(Transport::Udp), Reason::Udp);
         assert_eq!(Denial::NoOutbound.reason(Transport::Tcp), Reason::Ip);
     }
+
+    /// Hostile: names that only look like an allowed one.
+    #[test]
+    fn hostile_lookalike_names_are_not_allowed() {
+        let policy = allowlist(&["*.example.com", "exact.test", "api.test:443"], &[]);
+        for name in [
+            "example.com",
+            "evil-example.com",
+            "evilexample.com",
+            "example.com.evil",
+            "x.example.com.evil",
+            "example.comx",
+            ".example.com",
+            "x.exact.test",
+            "exact.test.evil",
+            "xexact.test",
+            "exact.tes",
+        ] {
+            assert!(!policy.resolves(name), "resolves {name}");
+            assert!(!policy.admits(name, 443), "admits {name}");
+        }
+        assert!(policy.admits("a.b.example.com", 80));
+        // A name allowed on one port opens no other, on the inspected ports too.
+        assert!(policy.admits("api.test", 443));
+        assert!(!policy.admits("api.test", 80));
+    }
+
+    /// Hostile: an address bound to a name allowed only on 443 is not
+    /// inspected on 80, and a name bound to it by another allowed rule
+    /// does not lend that port to it.
+    #[test]
+    fn hostile_ports_of_one_name_do_not_open_for_another() {
+        let policy = allowlist(&["api.test:443", "git.test:22"], &[]);
+        let mut bindings = Bindings::default();
+        bindings.bind(Ipv4Addr::new(198, 18, 7, 1), "api.test");
+        bindings.bind(Ipv4Addr::new(198, 18, 7, 2), "git.test");
+        let decide = |ip, port| policy.decide(Transport::Tcp, at(ip, port), &bindings);
+        assert_eq!(
+            decide([198, 18, 7, 1], 443),
+            Verdict::Inspect(Protocol::Tls)
+        );
+        assert_eq!(decide([198, 18, 7, 1], 80), Verdict::Deny(Denial::Port(80)));
+        assert_eq!(decide([198, 18, 7, 1], 22), Verdict::Deny(Denial::Port(22)));
+        assert_eq!(
+            decide([198, 18, 7, 2], 443),
+            Verdict::Deny(Denial::Port(443))
+        );
+        // An allowed name's binding never opens a denied range.
+        let mut rebound = Bindings::default();
+        rebound.bind(Ipv4Addr::new(169, 254, 169, 254), "api.test");
+        rebound.bind(Ipv4Addr::LOCALHOST, "api.test");
+        for ip in [[169, 254, 169, 254], [127, 0, 0, 1]] {
+            assert!(matches!(
+                policy.decide(Transport::Tcp, at(ip, 443), &rebound),
+                Verdict::Deny(Denial::Range(_))
+            ));
+        }
+    }
 }

@@ -774,9 +774,19 @@ impl Stack {
                 if self.refused_udp.len() >= REFUSED_UDP_MEMORY {
                     self.refused_udp.retain(|_, since| now < *since + UDP_IDLE);
                 }
-                if self.refused_udp.len() < REFUSED_UDP_MEMORY {
-                    self.refused_udp.insert(key, now);
+                // Full of fresh flows: the oldest is forgotten, rather than
+                // every datagram of this one counted.
+                if self.refused_udp.len() >= REFUSED_UDP_MEMORY {
+                    let oldest = self
+                        .refused_udp
+                        .iter()
+                        .min_by_key(|(_, since)| **since)
+                        .map(|(key, _)| *key);
+                    if let Some(oldest) = oldest {
+                        self.refused_udp.remove(&oldest);
+                    }
                 }
+                self.refused_udp.insert(key, now);
                 self.denials.refuse(
                     denial.reason(Transport::Udp),
                     format_args!("UDP from the guest to {destination}: {denial}"),
@@ -1071,7 +1081,7 @@ impl Stack {
                     asked,
                     ..
                 } => {
-                    if let Some(query) = pump_dns(socket, inbox, outbox, asked) {
+                    if let Some(query) = pump_dns(socket, inbox, outbox, asked, &self.denials) {
                         asks.push(DnsJob::Query {
                             query,
                             carrier: Carrier::Tcp,
@@ -1270,6 +1280,7 @@ fn pump_dns(
     inbox: &mut Vec<u8>,
     outbox: &mut Vec<u8>,
     asked: &mut bool,
+    denials: &Denials,
 ) -> Option<Vec<u8>> {
     if matches!(socket.state(), tcp::State::Listen | tcp::State::SynReceived) {
         return None;
@@ -1290,6 +1301,12 @@ fn pump_dns(
     if inbox.len() >= 2 {
         let len = usize::from(u16::from_be_bytes([inbox[0], inbox[1]]));
         if len > QUERY_LIMIT {
+            // Refused unread, and counted, as over UDP; a stream cannot be
+            // skipped past it, so the connection ends.
+            denials.refuse(
+                Reason::Dns,
+                format_args!("a DNS query of {len} bytes over TCP, over {QUERY_LIMIT}"),
+            );
             socket.abort();
             return None;
         }

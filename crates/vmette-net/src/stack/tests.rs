@@ -568,3 +568,122 @@ fn a_connection_that_names_nothing_in_time_is_closed() {
     assert!(stack.tcp.is_empty());
     assert_eq!(stack.denials.snapshot().sni, 1);
 }
+
+/// Hostile: on an address bound to an allowed name, the name a
+/// connection names must itself be allowed: an address literal, a
+/// lookalike, or a Host with the allowed name only in its port or user
+/// part opens nothing, and each refusal counts once.
+#[test]
+fn hostile_names_on_an_allowed_address_are_refused() {
+    let (mut stack, _handle, mut guest) = allowlist_lab();
+    let https = SocketAddrV4::new(ALLOWED, 443);
+    for name in [
+        &b"198.18.1.10"[..],
+        b"allowed.test.evil.test",
+        b"evil-allowed.test",
+        b"allowed.test\0.evil.test",
+    ] {
+        let hello = crate::inspect::tls::tests::named(name);
+        assert!(send_and_wait(&mut stack, &mut guest, https, &hello));
+    }
+    assert_eq!(stack.denials.snapshot().sni, 4);
+
+    let http = SocketAddrV4::new(ALLOWED, 80);
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: 198.18.1.10\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: evil.test:80@allowed.test\r\n\r\n",
+        b"GET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: allowed.test\r\nHost: evil.test\r\n\r\n",
+        b"CONNECT evil.test:443 HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    ] {
+        assert!(send_and_wait(&mut stack, &mut guest, http, request));
+    }
+    let counts = stack.denials.snapshot();
+    assert_eq!(counts.host, 5, "{counts}");
+    assert_eq!(counts.total(), 9, "{counts}");
+    assert!(stack.tcp.is_empty(), "a refused flow was kept");
+}
+
+/// An IPv4 packet of a UDP datagram from the guest's `port` to `to`.
+fn guest_udp(port: u16, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let udp = smoltcp::wire::UdpRepr {
+        src_port: port,
+        dst_port: to.port(),
+    };
+    let ip = Ipv4Repr {
+        src_addr: GUEST,
+        dst_addr: *to.ip(),
+        next_header: IpProtocol::Udp,
+        payload_len: udp.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    let mut bytes = vec![0; ip.buffer_len() + ip.payload_len];
+    let mut packet = Ipv4Packet::new_unchecked(&mut bytes);
+    ip.emit(&mut packet, &ChecksumCapabilities::default());
+    let mut datagram = UdpPacket::new_unchecked(packet.payload_mut());
+    udp.emit(
+        &mut datagram,
+        &GUEST.into(),
+        &(*to.ip()).into(),
+        payload.len(),
+        |buffer| buffer.copy_from_slice(payload),
+        &ChecksumCapabilities::default(),
+    );
+    bytes
+}
+
+/// Hostile: a refused UDP flow counts once, even past the memory of
+/// refused flows: a guest that fills it must not have every datagram of
+/// one more flow counted.
+#[test]
+fn hostile_refused_udp_flows_count_once_past_the_memory() {
+    let (mut stack, _handle, _guest) = allowlist_lab();
+    let to = SocketAddrV4::new([198, 18, 9, 9].into(), 9000);
+    let send = |stack: &mut Stack, port: usize| {
+        let bytes = guest_udp(20000 + u16::try_from(port).expect("port"), to, b"x");
+        let packet = Ipv4Packet::new_checked(&bytes[..]).expect("packet");
+        stack.classify_udp(&packet);
+    };
+    for port in 0..REFUSED_UDP_MEMORY {
+        send(&mut stack, port);
+    }
+    for _ in 0..100 {
+        send(&mut stack, REFUSED_UDP_MEMORY);
+    }
+    let counted = stack.denials.snapshot().udp;
+    assert_eq!(
+        counted,
+        u64::try_from(REFUSED_UDP_MEMORY + 1).expect("count"),
+        "{counted} refusals counted for {} flows",
+        REFUSED_UDP_MEMORY + 1
+    );
+    assert!(stack.refused_udp.len() <= REFUSED_UDP_MEMORY);
+}
+
+/// Hostile: a query over the size bound is refused over TCP as over
+/// UDP, and counted as `dns` (docs/network.md: "A query over 1024 bytes
+/// is refused (REFUSED) unread"), not just reset uncounted.
+#[test]
+fn hostile_an_oversized_query_over_tcp_is_counted() {
+    let (mut stack, _handle, mut guest) = allowlist_lab();
+    let socket = guest.connect(SocketAddrV4::new(GATEWAY, 53), 40003, 65536, 65536);
+    let mut sent = false;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) && !(sent && stack.tcp.is_empty()) {
+        if !sent && guest.tcp(socket).may_send() {
+            let len = u16::try_from(QUERY_LIMIT + 1).expect("length");
+            let mut framed = len.to_be_bytes().to_vec();
+            framed.extend(std::iter::repeat_n(0u8, QUERY_LIMIT + 1));
+            guest.tcp(socket).send_slice(&framed).expect("send");
+            sent = true;
+        }
+        guest.poll();
+        stack.turn().expect("turn");
+    }
+    assert!(stack.tcp.is_empty(), "a flow is left");
+    assert_eq!(
+        stack.denials.snapshot().dns,
+        1,
+        "the oversized query was not counted"
+    );
+}

@@ -473,3 +473,320 @@ fn damaged_requests_never_panic() {
         run(&[&damaged[..at], &damaged[at..]]);
     }
 }
+
+// Hostile review: smuggling and desync attempts. Each stream either is
+// refused before any byte of a request for another host goes, or the
+// bytes of that request are only ever forwarded as a body.
+
+/// Whether any forwarded head names `evil.test`: what a smuggle needs.
+fn smuggled(stream: &[u8]) -> bool {
+    let (forwarded, _, _) = run(&[stream]);
+    // Bytes forwarded as a body may hold anything; find a forwarded
+    // request head naming evil.test that the gate read as a head.
+    let mut gate = RequestGate::new();
+    let mut pending = forwarded.clone();
+    while !pending.is_empty() {
+        let before = gate.state;
+        match gate.inspect(&pending) {
+            Ok(Gate::Forward(n)) => {
+                let part: Vec<u8> = pending.drain(..n).collect();
+                if before == State::Head
+                    && String::from_utf8_lossy(&part)
+                        .to_ascii_lowercase()
+                        .contains("evil.test")
+                {
+                    return true;
+                }
+            }
+            _ => break,
+        }
+    }
+    false
+}
+
+#[test]
+fn hostile_heads_the_upstream_might_read_otherwise_are_refused() {
+    for stream in [
+        // obs-fold: a folded Host line.
+        &b"GET / HTTP/1.1\r\nHost: allowed.test\r\n evil.test\r\n\r\n"[..],
+        // Whitespace before the colon.
+        b"GET / HTTP/1.1\r\nHost : evil.test\r\nHost: allowed.test\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding : chunked\r\nContent-Length: 3\r\n\r\nabc",
+        // A bare CR inside a line.
+        b"GET / HTTP/1.1\r\nHost: allowed.test\rX: y\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: a\rHost: evil.test\r\nHost: allowed.test\r\n\r\n",
+        // A NUL in a value.
+        b"GET / HTTP/1.1\r\nHost: allowed.test\0evil.test\r\n\r\n",
+        // Tabs and doubled spaces in the request line.
+        b"GET\t/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+        // HTTP/1.2, HTTP/2.0.
+        b"GET / HTTP/2.0\r\nHost: allowed.test\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
+        let (forwarded, denial, _) = run(&[stream]);
+        assert!(
+            denial.is_some() && forwarded.is_empty(),
+            "passed: {:?}",
+            String::from_utf8_lossy(stream)
+        );
+    }
+}
+
+#[test]
+fn hostile_content_lengths_are_refused() {
+    for value in [
+        "+5",
+        "-1",
+        " -0",
+        "5 5",
+        "5,5",
+        "0x5",
+        "5.0",
+        "1e3",
+        "٥",
+        "",
+        "99999999999999999999",
+    ] {
+        let stream = format!(
+            "POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: {value}\r\n\r\nabcde"
+        );
+        let (forwarded, denial, _) = run(&[stream.as_bytes()]);
+        assert!(
+            denial.is_some() && forwarded.is_empty(),
+            "passed: Content-Length {value:?}"
+        );
+    }
+}
+
+#[test]
+fn hostile_transfer_encodings_are_refused() {
+    for value in [
+        "chunked, identity",
+        "chunked;q=1",
+        "\"chunked\"",
+        "chunked chunked",
+        "identity",
+        "",
+        "x-chunked",
+    ] {
+        let stream = format!(
+            "POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: {value}\r\n\r\n0\r\n\r\n"
+        );
+        let (forwarded, denial, _) = run(&[stream.as_bytes()]);
+        assert!(
+            denial.is_some() && forwarded.is_empty(),
+            "passed: Transfer-Encoding {value:?}"
+        );
+    }
+    // Two headers: chunked, then another coding after it.
+    refused(
+        b"POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
+        HttpDenial::BadTransferEncoding,
+    );
+}
+
+#[test]
+fn hostile_chunks_cannot_hide_a_head_for_another_host() {
+    let evil = "GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    for body in [
+        // A chunk extension holding a CRLF-less head.
+        format!("5;x={evil:?}\r\nhello\r\n0\r\n\r\n"),
+        // Bare LF ending a size line, then the head.
+        format!("0\n\r\n{evil}"),
+        // A size with a leading space or a sign.
+        format!(" 5\r\nhello\r\n0\r\n\r\n{evil}"),
+        format!("+5\r\nhello\r\n0\r\n\r\n{evil}"),
+        // Chunk data longer than its size.
+        format!("2\r\nhello\r\n0\r\n\r\n{evil}"),
+        // A trailer line folded or ended by a bare LF.
+        format!("0\r\nX: a\n{evil}"),
+        format!("0\r\nX: a\r\n b\r\n\r\n{evil}"),
+        // A size of 17 hex digits (overflows a u64 server-side).
+        format!("10000000000000005\r\nhello\r\n0\r\n\r\n{evil}"),
+    ] {
+        let stream = format!(
+            "POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+        );
+        assert!(!smuggled(stream.as_bytes()), "smuggled: {stream:?}");
+        // And the head after a well-formed body is read, and refused.
+    }
+    let (_, denial, _) = run(&[format!(
+        "POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\nX: y\r\n\r\n{evil}"
+    )
+    .as_bytes()]);
+    assert_eq!(denial, Some(HttpDenial::HostChanged("evil.test".into())));
+}
+
+#[test]
+fn hostile_pipelines_name_another_host_and_are_refused() {
+    let evil = "GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    for first in [
+        "GET / HTTP/1.0\r\nHost: allowed.test\r\nConnection: keep-alive\r\n\r\n".to_string(),
+        "POST / HTTP/1.1\r\nHost: allowed.test\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc".to_string(),
+        "GET / HTTP/1.1\r\nHost: allowed.test:8080\r\n\r\n".to_string(),
+        "GET http://allowed.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n".to_string(),
+        "\r\n\r\nGET / HTTP/1.1\r\nHost: ALLOWED.test.\r\n\r\n".to_string(),
+        "HEAD / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 0\r\n\r\n".to_string(),
+    ] {
+        let stream = format!("{first}{evil}");
+        let (forwarded, denial, _) = run(&[stream.as_bytes()]);
+        assert_eq!(
+            denial,
+            Some(HttpDenial::HostChanged("evil.test".into())),
+            "{stream:?}"
+        );
+        assert_eq!(forwarded, first.as_bytes());
+    }
+    // The later head names the same host by another spelling, but its
+    // absolute target names another.
+    let (_, denial, _) = run(&[b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\nGET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n"]);
+    assert_eq!(denial, Some(HttpDenial::TargetMismatch));
+    // User information, a backslash, or an IPv6 literal in the target.
+    for target in [
+        "http://allowed.test@evil.test/",
+        "http://evil.test#@allowed.test/",
+        "http://allowed.test\\@evil.test/",
+        "http://[::1]/",
+        "//evil.test/",
+    ] {
+        let stream = format!("GET {target} HTTP/1.1\r\nHost: allowed.test\r\n\r\n");
+        let (_, denial, gate) = run(&[stream.as_bytes()]);
+        // `//evil.test/` is a path to a server: it may pass, for allowed.test.
+        if denial.is_none() {
+            assert_eq!(gate.host(), Some("allowed.test"), "{target}");
+        }
+    }
+}
+
+#[test]
+fn hostile_hosts_with_ports_or_literals_are_read_as_their_name() {
+    for (host, read) in [
+        ("allowed.test:80", Some("allowed.test")),
+        ("allowed.test:08080", Some("allowed.test")),
+        ("allowed.test:+80", None),
+        ("allowed.test:", None),
+        ("allowed.test:80:90", None),
+        ("allowed.test:99999", None),
+        ("evil.test:80@allowed.test", None),
+        ("allowed.test evil.test", None),
+        ("allowed.test,evil.test", None),
+        ("allowed.test/evil.test", None),
+        ("allowed.test%2eevil", None),
+        ("xn--allowed-test", Some("xn--allowed-test")),
+        ("[::1]", None),
+    ] {
+        let stream = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let (_, denial, gate) = run(&[stream.as_bytes()]);
+        assert_eq!(gate.host(), read, "{host:?} ({denial:?})");
+    }
+}
+
+/// A random request for `host`: its bytes. Bodies (by length or chunks)
+/// often carry a whole head for evil.test, which must go as a body.
+fn random_request(random: &mut Random, host: &str) -> Vec<u8> {
+    const EVIL: &[u8] = b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    let spelled = match random.below(4) {
+        0 => host.to_ascii_uppercase(),
+        1 => format!("{host}."),
+        2 => format!("{host}:80"),
+        _ => host.to_string(),
+    };
+    let method = ["GET", "POST", "PUT", "OPTIONS"][random.below(4)];
+    let target = if random.below(4) == 0 {
+        format!("http://{host}/x")
+    } else {
+        "/x?y=1".to_string()
+    };
+    let version = if random.below(5) == 0 { "1.0" } else { "1.1" };
+    let mut body = Vec::new();
+    for _ in 0..random.below(3) {
+        if random.below(2) == 0 {
+            body.extend_from_slice(EVIL);
+        } else {
+            body.extend((0..random.below(40)).map(|_| random.next() as u8));
+        }
+    }
+    let mut head = format!("{method} {target} HTTP/{version}\r\nHost: {spelled}\r\n");
+    if random.below(3) == 0 {
+        head.push_str("Expect: 100-continue\r\n");
+    }
+    let chunked = version == "1.1" && random.below(2) == 0;
+    let mut bytes;
+    if chunked {
+        head.push_str("Transfer-Encoding: gzip, Chunked\r\n\r\n");
+        bytes = head.into_bytes();
+        let mut rest = &body[..];
+        while !rest.is_empty() {
+            let n = 1 + random.below(rest.len());
+            let ext = if random.below(2) == 0 {
+                ";a=\"b c\""
+            } else {
+                ""
+            };
+            bytes.extend_from_slice(format!("{n:X}{ext}\r\n").as_bytes());
+            bytes.extend_from_slice(&rest[..n]);
+            bytes.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+        }
+        bytes.extend_from_slice(b"0\r\n");
+        if random.below(2) == 0 {
+            bytes.extend_from_slice(b"Trailer-Host: evil.test\r\n");
+        }
+        bytes.extend_from_slice(b"\r\n");
+    } else {
+        if !body.is_empty() || random.below(2) == 0 {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        } else {
+            body.clear();
+        }
+        head.push_str("\r\n");
+        bytes = head.into_bytes();
+        bytes.extend_from_slice(&body);
+    }
+    bytes
+}
+
+/// Differential: pipelines of random requests, cut at random points.
+/// Everything before the first request for evil.test passes, and
+/// nothing of it or after it does.
+#[test]
+fn hostile_random_pipelines_never_let_another_host_through() {
+    let mut random = Random(0x1234_5678_9abc_def1);
+    for round in 0..3000 {
+        let mut stream = Vec::new();
+        let mut allowed_prefix = None;
+        for index in 0..1 + random.below(4) {
+            let evil = index > 0 && random.below(4) == 0;
+            if evil && allowed_prefix.is_none() {
+                allowed_prefix = Some(stream.len());
+            }
+            let host = if evil { "evil.test" } else { "allowed.test" };
+            stream.extend(random_request(&mut random, host));
+        }
+        let mut cuts: Vec<usize> = (0..random.below(6))
+            .map(|_| random.below(stream.len() + 1))
+            .collect();
+        cuts.push(0);
+        cuts.push(stream.len());
+        cuts.sort_unstable();
+        let chunks: Vec<&[u8]> = cuts.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
+        let (forwarded, denial, gate) = run(&chunks);
+        let text = String::from_utf8_lossy(&stream);
+        match allowed_prefix {
+            None => {
+                assert_eq!(denial, None, "round {round}: {text:?}");
+                assert_eq!(forwarded, stream, "round {round}");
+            }
+            Some(prefix) => {
+                assert_eq!(
+                    denial,
+                    Some(HttpDenial::HostChanged("evil.test".into())),
+                    "round {round}: {text:?}"
+                );
+                assert_eq!(forwarded, stream[..prefix], "round {round}: {text:?}");
+            }
+        }
+        assert_eq!(gate.host(), Some("allowed.test"));
+    }
+}

@@ -393,3 +393,60 @@ fn damaged_hellos_never_panic() {
         client_hello(&input);
     }
 }
+
+/// Differential: damaged hellos the stack reads a name from are read to
+/// the same one name by tls-parser's own record and extension parsers,
+/// as a server that does not reassemble would.
+#[test]
+fn hostile_damaged_hellos_name_what_tls_parser_names() {
+    use tls_parser::{
+        parse_tls_extensions, parse_tls_message_handshake, TlsExtension, TlsMessage,
+        TlsMessageHandshake,
+    };
+    let stream = named(b"allowed.test");
+    let mut random = Random(0x0dd_b1a5_e5ca_1ab1);
+    let mut named_count = 0;
+    for _ in 0..20_000 {
+        let mut damaged = stream.clone();
+        for _ in 0..=random.below(2) {
+            let at = random.below(damaged.len());
+            damaged[at] = random.next() as u8;
+        }
+        let Hello::Sni(name) = client_hello(&damaged) else {
+            continue;
+        };
+        named_count += 1;
+        // The record may be longer than the hello (the stack need not
+        // wait for its end): read the handshake message itself.
+        let Ok((_, message)) = parse_tls_message_handshake(&damaged[5..]) else {
+            panic!("the stack named {name} in what tls-parser reads as no message: {damaged:?}");
+        };
+        let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) = &message else {
+            panic!("the stack named {name} in no ClientHello");
+        };
+        let (_, extensions) = parse_tls_extensions(hello.ext.unwrap_or_default())
+            .unwrap_or_else(|_| panic!("{name}: extensions tls-parser refuses"));
+        let names: Vec<String> = extensions
+            .iter()
+            .filter_map(|e| match e {
+                TlsExtension::SNI(list) => Some(list),
+                _ => None,
+            })
+            .flatten()
+            .filter(|(kind, _)| *kind == SNIType::HostName)
+            .map(|(_, raw)| String::from_utf8_lossy(raw).to_ascii_lowercase())
+            .collect();
+        assert_eq!(
+            names
+                .iter()
+                .map(|n| n.trim_end_matches('.'))
+                .collect::<Vec<_>>(),
+            [name.as_str()],
+            "{damaged:?}"
+        );
+    }
+    assert!(
+        named_count > 100,
+        "only {named_count} damaged hellos named a server"
+    );
+}
