@@ -23,7 +23,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use support::netlab::{one, NetLab, ALLOWED, CDN, DENIED, RAW, RAW_NEIGHBOUR};
-use support::{code, stderr, stdout, Sandbox};
+use support::{code, stderr, stdout, Sandbox, TestDaemon};
 
 const BIG: usize = 100 << 20;
 
@@ -211,39 +211,17 @@ fn an_allowed_name_works_and_nothing_else_reaches_its_target() {
     assert!(err.lines().any(|l| l == line), "{line} not in {err}");
 }
 
-/// Stops the test's daemon however the test ends.
-struct StopsDaemon<'a> {
-    sandbox: &'a Sandbox,
-    runtime: &'a Path,
-}
-
-impl Drop for StopsDaemon<'_> {
-    fn drop(&mut self) {
-        let mut command = self.sandbox.command(&["daemon", "stop"]);
-        command.env("XDG_RUNTIME_DIR", self.runtime);
-        if let Ok(child) = command.spawn() {
-            let _ = support::wait_with_limit(child, support::RUN_LIMIT);
-        }
-    }
-}
-
 #[test]
 fn wildcards_rebinding_names_and_cidr_ports_in_a_session() {
     let lab = lab();
     let sandbox = Sandbox::new();
-    let runtime = tempfile::Builder::new()
-        .prefix("vmette-egress-run-")
-        .tempdir()
-        .expect("runtime dir");
+    let daemon = TestDaemon::new(&sandbox);
     let vmette = |args: &[&str]| -> Output {
-        let mut command = sandbox.command(args);
-        command.env("XDG_RUNTIME_DIR", runtime.path());
-        let child = lab.wrap(&command).spawn().expect("spawn vmette");
+        let child = lab
+            .wrap(&daemon.command(args))
+            .spawn()
+            .expect("spawn vmette");
         support::wait_with_limit(child, support::RUN_LIMIT)
-    };
-    let _daemon = StopsDaemon {
-        sandbox: &sandbox,
-        runtime: runtime.path(),
     };
     let ok = |output: Output| -> String {
         assert_eq!(code(&output), 0, "{}{}", stdout(&output), stderr(&output));
@@ -418,16 +396,8 @@ fn a_download_through_the_allowlist_against_plain_net() {
 #[test]
 fn bad_allowlist_values_are_refused_before_a_vm_starts() {
     let sandbox = Sandbox::new();
-    let runtime = tempfile::Builder::new()
-        .prefix("vmette-egress-bad-")
-        .tempdir()
-        .expect("runtime dir");
-    // create must refuse before it starts a daemon; should it not, this
-    // stops the one it started.
-    let _daemon = StopsDaemon {
-        sandbox: &sandbox,
-        runtime: runtime.path(),
-    };
+    // In case a create got through, its daemon is stopped.
+    let daemon = TestDaemon::new(&sandbox);
     let mut cases: Vec<(Vec<&str>, &str, &str)> = Vec::new();
     for value in [
         "exa mple.com",
@@ -466,8 +436,7 @@ fn bad_allowlist_values_are_refused_before_a_vm_starts() {
     ));
     for (args, flag, value) in cases {
         let started = Instant::now();
-        let mut command = sandbox.command(&args);
-        command.env("XDG_RUNTIME_DIR", runtime.path());
+        let mut command = daemon.command(&args);
         let output =
             support::wait_with_limit(command.spawn().expect("spawn vmette"), support::RUN_LIMIT);
         let message = stderr(&output);

@@ -16,7 +16,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use support::netlab::{one, NetLab, DNS, UDP_ECHO, WEB};
-use support::{code, stderr, stdout, Sandbox};
+use support::{code, stderr, stdout, Sandbox, TestDaemon};
 
 const BIG: usize = 100 << 20;
 
@@ -306,39 +306,17 @@ fn published_ports_serve_the_host_with_or_without_outbound_access() {
     }
 }
 
-/// Stops the test's daemon however the test ends.
-struct StopsDaemon<'a> {
-    sandbox: &'a Sandbox,
-    runtime: &'a Path,
-}
-
-impl Drop for StopsDaemon<'_> {
-    fn drop(&mut self) {
-        let mut command = self.sandbox.command(&["daemon", "stop"]);
-        command.env("XDG_RUNTIME_DIR", self.runtime);
-        if let Ok(child) = command.spawn() {
-            let _ = support::wait_with_limit(child, support::RUN_LIMIT);
-        }
-    }
-}
-
 #[test]
 fn a_running_sandbox_publishes_and_closes_ports() {
     let (lab, _web, _) = lab();
     let sandbox = Sandbox::new();
-    let runtime = tempfile::Builder::new()
-        .prefix("vmette-net-run-")
-        .tempdir()
-        .expect("runtime dir");
+    let daemon = TestDaemon::new(&sandbox);
     let vmette = |args: &[&str]| -> Output {
-        let mut command = sandbox.command(args);
-        command.env("XDG_RUNTIME_DIR", runtime.path());
-        let child = lab.wrap(&command).spawn().expect("spawn vmette");
+        let child = lab
+            .wrap(&daemon.command(args))
+            .spawn()
+            .expect("spawn vmette");
         support::wait_with_limit(child, support::RUN_LIMIT)
-    };
-    let _daemon = StopsDaemon {
-        sandbox: &sandbox,
-        runtime: runtime.path(),
     };
     let ok = |output: Output| -> String {
         assert_eq!(code(&output), 0, "{}", stderr(&output));
@@ -364,7 +342,7 @@ fn a_running_sandbox_publishes_and_closes_ports() {
     ]));
     let mut servers = Vec::new();
     for port in ["8000", "8001"] {
-        let mut command = sandbox.command(&[
+        let command = daemon.command(&[
             "exec",
             "web",
             "--",
@@ -375,7 +353,6 @@ fn a_running_sandbox_publishes_and_closes_ports() {
             "-d",
             "/srv",
         ]);
-        command.env("XDG_RUNTIME_DIR", runtime.path());
         servers.push(lab.wrap(&command).spawn().expect("exec a server"));
     }
     assert_eq!(fetch(&lab, &first, "/marker"), "served\n");

@@ -243,3 +243,35 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// vmette commands of a test that share a daemon of their own (its own
+/// runtime directory), stopped however the test ends.
+pub struct TestDaemon<'a> {
+    sandbox: &'a Sandbox,
+    runtime: tempfile::TempDir,
+}
+
+impl<'a> TestDaemon<'a> {
+    pub fn new(sandbox: &'a Sandbox) -> TestDaemon<'a> {
+        let runtime = tempfile::Builder::new()
+            .prefix("vmette-test-run-")
+            .tempdir()
+            .expect("runtime dir");
+        TestDaemon { sandbox, runtime }
+    }
+
+    /// vmette with `args`, talking to this daemon.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = self.sandbox.command(args);
+        command.env("XDG_RUNTIME_DIR", self.runtime.path());
+        command
+    }
+}
+
+impl Drop for TestDaemon<'_> {
+    fn drop(&mut self) {
+        if let Ok(child) = self.command(&["daemon", "stop"]).spawn() {
+            let _ = wait_with_limit(child, RUN_LIMIT);
+        }
+    }
+}
