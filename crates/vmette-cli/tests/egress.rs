@@ -17,13 +17,12 @@
 mod support;
 
 use std::io::Read;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use support::netlab::{one, NetLab, ALLOWED, CDN, DENIED, RAW, RAW_NEIGHBOUR};
-use support::{code, stderr, stdout, Sandbox, TestDaemon};
+use support::{code, sha256_of, stderr, stdout, Sandbox, TestDaemon};
 
 const BIG: usize = 100 << 20;
 
@@ -333,18 +332,6 @@ fn wildcards_rebinding_names_and_cidr_ports_in_a_session() {
         "{:?}",
         lab.packets_to(RAW_NEIGHBOUR)
     );
-}
-
-fn sha256_of(path: &Path) -> String {
-    let output = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    stdout(&output)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[test]

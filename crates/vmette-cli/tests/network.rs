@@ -10,13 +10,12 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use support::netlab::{one, NetLab, DNS, UDP_ECHO, WEB};
-use support::{code, stderr, stdout, Sandbox, TestDaemon};
+use support::{code, sha256_of, stderr, stdout, Sandbox, TestDaemon};
 
 const BIG: usize = 100 << 20;
 
@@ -46,18 +45,6 @@ fn lab() -> (NetLab, tempfile::TempDir, String) {
     let sha = sha256_of(&web.path().join("big.bin"));
     let lab = NetLab::new().start(web.path());
     (lab, web, sha)
-}
-
-fn sha256_of(path: &Path) -> String {
-    let output = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    stdout(&output)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[test]

@@ -244,6 +244,19 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// The SHA-256 of the file at `path`, in hex, as `sha256sum` prints it.
+pub fn sha256_of(path: &Path) -> String {
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    stdout(&output)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// vmette commands of a test that share a daemon of their own (its own
 /// runtime directory), stopped however the test ends.
 pub struct TestDaemon<'a> {
