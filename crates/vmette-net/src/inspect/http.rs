@@ -26,6 +26,11 @@ const SIZE_DIGITS: usize = 16;
 /// Most digits of a Content-Length: any 19 fit a `u64`.
 const LENGTH_DIGITS: usize = 19;
 
+/// The largest Content-Length or chunk size passed: one that a server
+/// holding lengths in a signed 64-bit integer reads the same, so that it
+/// cannot frame the body otherwise than the gate.
+const LENGTH_LIMIT: u64 = i64::MAX as u64;
+
 /// What may be done with the guest's pending bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
@@ -224,6 +229,7 @@ impl RequestGate {
         let size = std::str::from_utf8(hex)
             .ok()
             .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .filter(|size| *size <= LENGTH_LIMIT)
             .ok_or(HttpDenial::BadChunk)?;
         self.state = if size == 0 {
             State::Trailers
@@ -356,6 +362,7 @@ fn content_length(header: &Header<'_>) -> Result<u64, HttpDenial> {
     std::str::from_utf8(digits)
         .ok()
         .and_then(|digits| digits.parse().ok())
+        .filter(|length| *length <= LENGTH_LIMIT)
         .ok_or(HttpDenial::BadContentLength)
 }
 

@@ -181,9 +181,9 @@ fn a_chunk_is_forwarded_as_it_comes() {
     let mut gate = RequestGate::new();
     let head = b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n";
     assert_eq!(gate.inspect(head), Ok(Gate::Forward(head.len())));
-    assert_eq!(gate.inspect(b"ffffffffffffffff"), Ok(Gate::NeedMore));
+    assert_eq!(gate.inspect(b"7fffffffffffffff"), Ok(Gate::NeedMore));
     assert_eq!(
-        gate.inspect(b"ffffffffffffffff\r\nab"),
+        gate.inspect(b"7fffffffffffffff\r\nab"),
         Ok(Gate::Forward(18))
     );
     assert_eq!(gate.inspect(b"ab"), Ok(Gate::Forward(2)));
@@ -789,4 +789,23 @@ fn hostile_random_pipelines_never_let_another_host_through() {
         }
         assert_eq!(gate.host(), Some("allowed.test"));
     }
+}
+
+#[test]
+fn lengths_past_a_signed_64_bit_integer_are_refused() {
+    let (forwarded, denial, _) = run(&[
+        b"POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 9223372036854775808\r\n\r\n",
+    ]);
+    assert!(forwarded.is_empty());
+    assert_eq!(denial, Some(HttpDenial::BadContentLength));
+    let (_, denial, _) = run(&[
+        b"POST / HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 9223372036854775807\r\n\r\n",
+    ]);
+    assert_eq!(denial, None);
+    let head = b"POST / HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (forwarded, denial, _) = run(&[head, b"8000000000000000\r\n"]);
+    assert_eq!(forwarded, head);
+    assert_eq!(denial, Some(HttpDenial::BadChunk));
+    let (_, denial, _) = run(&[head, b"7fffffffffffffff\r\n"]);
+    assert_eq!(denial, None);
 }
