@@ -215,13 +215,7 @@ fn wildcards_rebinding_names_and_cidr_ports_in_a_session() {
     let lab = lab();
     let sandbox = Sandbox::new();
     let daemon = TestDaemon::new(&sandbox);
-    let vmette = |args: &[&str]| -> Output {
-        let child = lab
-            .wrap(&daemon.command(args))
-            .spawn()
-            .expect("spawn vmette");
-        support::wait_with_limit(child, support::RUN_LIMIT)
-    };
+    let vmette = |args: &[&str]| lab.run_with(&daemon, args);
     let ok = |output: Output| -> String {
         assert_eq!(code(&output), 0, "{}{}", stdout(&output), stderr(&output));
         stdout(&output)

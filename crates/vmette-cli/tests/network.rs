@@ -298,13 +298,7 @@ fn a_running_sandbox_publishes_and_closes_ports() {
     let (lab, _web, _) = lab();
     let sandbox = Sandbox::new();
     let daemon = TestDaemon::new(&sandbox);
-    let vmette = |args: &[&str]| -> Output {
-        let child = lab
-            .wrap(&daemon.command(args))
-            .spawn()
-            .expect("spawn vmette");
-        support::wait_with_limit(child, support::RUN_LIMIT)
-    };
+    let vmette = |args: &[&str]| lab.run_with(&daemon, args);
     let ok = |output: Output| -> String {
         assert_eq!(code(&output), 0, "{}", stderr(&output));
         stdout(&output)

@@ -11,13 +11,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 use crate::denials::{Denials, Reason};
 use crate::policy::Policy;
@@ -192,13 +192,10 @@ impl Dns {
         if closed {
             return self.refuse_name(reply, &asked);
         }
-        // Asked in lowercase: the letter case the guest chose (DNS 0x20) is
-        // a bit per letter of its own, and must not leave the host.
-        let Ok(owner) = hickory_proto::rr::Name::from_ascii(format!("{asked}.")) else {
+        let Some(fresh) = lowercase_query(&asked, question.query_type()) else {
             reply.metadata.response_code = ResponseCode::FormErr;
             return reply;
         };
-        let fresh = Query::query(owner, question.query_type());
         match self.ask_upstreams(&fresh) {
             Some(upstream) => self.filtered(reply, question, &asked, upstream),
             None => {
@@ -222,18 +219,10 @@ impl Dns {
         mut reply: Message,
         question: &Query,
         asked: &str,
-        addresses: &[std::net::IpAddr],
+        addresses: &[IpAddr],
     ) -> Message {
-        let v4: Vec<Ipv4Addr> = addresses
-            .iter()
-            .filter_map(|ip| match ip {
-                std::net::IpAddr::V4(v4) => Some(*v4),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .collect();
-        let allowed: Vec<Ipv4Addr> = v4
-            .iter()
-            .copied()
+        let allowed: Vec<Ipv4Addr> = ipv4_only(addresses)
+            .into_iter()
             .filter(|ip| self.policy.answerable(*ip))
             .collect();
         if allowed.is_empty() {
@@ -271,19 +260,10 @@ impl Dns {
         upstream: Message,
     ) -> Message {
         reply.metadata.response_code = upstream.metadata.response_code;
-        let mut chain = vec![question.name().to_lowercase()];
         let mut refused = false;
         let mut kept = Vec::new();
-        for record in upstream.answers {
-            let owner = record.name.to_lowercase();
-            if !chain.contains(&owner) {
-                continue;
-            }
+        for record in on_chain(question.name(), upstream.answers) {
             match &record.data {
-                RData::CNAME(target) => {
-                    chain.push(target.0.to_lowercase());
-                    kept.push(record);
-                }
                 RData::A(A(ip)) if !self.policy.answerable(*ip) => refused = true,
                 RData::A(A(ip)) => {
                     lock(&self.bindings).bind(*ip, asked);
@@ -319,34 +299,20 @@ impl Dns {
     pub fn addresses_for(&self, name: &str) -> Vec<Ipv4Addr> {
         let from_hosts = self.config.hosts.lookup(name);
         let found: Vec<Ipv4Addr> = if from_hosts.is_empty() {
-            let Ok(owner) = hickory_proto::rr::Name::from_ascii(format!("{name}.")) else {
+            let Some(question) = lowercase_query(name, RecordType::A) else {
                 return Vec::new();
             };
-            let question = Query::query(owner, RecordType::A);
             let Some(upstream) = self.ask_upstreams(&question) else {
                 return Vec::new();
             };
-            let mut chain = vec![question.name().to_lowercase()];
-            let mut found = Vec::new();
-            for record in upstream.answers {
-                if !chain.contains(&record.name.to_lowercase()) {
-                    continue;
-                }
-                match &record.data {
-                    RData::CNAME(target) => chain.push(target.0.to_lowercase()),
-                    RData::A(A(ip)) => found.push(*ip),
-                    _ => {}
-                }
-            }
-            found
-        } else {
-            from_hosts
-                .iter()
-                .filter_map(|ip| match ip {
-                    std::net::IpAddr::V4(v4) => Some(*v4),
-                    std::net::IpAddr::V6(_) => None,
+            on_chain(question.name(), upstream.answers)
+                .filter_map(|record| match record.data {
+                    RData::A(A(ip)) => Some(ip),
+                    _ => None,
                 })
                 .collect()
+        } else {
+            ipv4_only(from_hosts)
         };
         let reachable: Vec<Ipv4Addr> = found
             .iter()
@@ -375,6 +341,41 @@ impl Dns {
         }
         None
     }
+}
+
+/// A fresh question for `name` (lowercase, without a trailing dot), asked
+/// in lowercase: the letter case a guest chose (DNS 0x20) is a bit per
+/// letter of its own, and must not leave the host.
+fn lowercase_query(name: &str, kind: RecordType) -> Option<Query> {
+    let owner = Name::from_ascii(format!("{name}.")).ok()?;
+    Some(Query::query(owner, kind))
+}
+
+/// The records of `answers` on the CNAME chain that starts at `name`, in
+/// order: each owned by `name` or by the target of a CNAME kept before it.
+/// Any other record is not the question's, and may be a poisoning attempt.
+fn on_chain(name: &Name, answers: Vec<Record>) -> impl Iterator<Item = Record> {
+    let mut chain = vec![name.to_lowercase()];
+    answers.into_iter().filter(move |record| {
+        if !chain.contains(&record.name.to_lowercase()) {
+            return false;
+        }
+        if let RData::CNAME(target) = &record.data {
+            chain.push(target.0.to_lowercase());
+        }
+        true
+    })
+}
+
+/// The IPv4 addresses among `addresses`: the guest has no IPv6.
+fn ipv4_only(addresses: &[IpAddr]) -> Vec<Ipv4Addr> {
+    addresses
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
 }
 
 /// The REFUSED reply to a message too long to read: its header's id,

@@ -20,16 +20,14 @@
 pub mod http;
 pub mod tls;
 
-use crate::resolver::normalized_name;
+use vmette_core::network::check_host_name;
 
 /// `name` as the allowlist compares it (lowercase, no trailing dot), if
-/// it is a host name: labels of letters, digits, `-` and `_`, none empty,
-/// none over 63 bytes or starting or ending with `-`, 253 bytes in all.
+/// it is a host name by the rule allow rules are held to
+/// ([`check_host_name`]).
 fn host_name(name: &str) -> Option<String> {
-    normalized_name(name).filter(|name| {
-        name.split('.')
-            .all(|label| !label.starts_with('-') && !label.ends_with('-'))
-    })
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    check_host_name(&name).is_ok().then_some(name)
 }
 
 /// xorshift64: enough randomness to throw bytes at the parsers' tests.

@@ -679,29 +679,26 @@ impl Stack {
         let Some(flow) = self.tcp.get_mut(&id) else {
             return;
         };
-        if flow.connecting() {
-            let outcome = flow.host.as_ref().map(TcpStream::take_error);
-            match outcome {
-                Some(Ok(None)) if flags.contains(PollFlags::POLLOUT) => {
-                    if let FlowKind::Inspected(inspection) = &mut flow.kind {
-                        inspection.connected();
-                    }
+        // A host connection under way: a held SYN's, or an inspected
+        // flow's to the name it named.
+        if flow.held.is_some() || flow.connecting() {
+            let outcome = match flow.host.as_ref().map(TcpStream::take_error) {
+                Some(Ok(None)) => Ok(flags.contains(PollFlags::POLLOUT)),
+                None => Ok(false),
+                Some(Ok(Some(error)) | Err(error)) => Err(error),
+            };
+            match (outcome, &mut flow.kind) {
+                (Ok(false), _) => {}
+                (Ok(true), FlowKind::Inspected(inspection)) => {
+                    inspection.connected();
                     flow.host_readable = true;
                 }
-                Some(Ok(None)) | None => {}
-                Some(Ok(Some(error)) | Err(error)) => {
-                    tracing::debug!("TCP to {}: {error}; closed", flow_target(flow));
+                (Ok(true), _) => flow.connected = true,
+                (Err(error), FlowKind::Inspected(inspection)) => {
+                    tracing::debug!("TCP to {}: {error}; closed", inspection.describe());
                     self.abort_flow(id);
                 }
-            }
-            return;
-        }
-        if flow.held.is_some() {
-            let outcome = flow.host.as_ref().map(TcpStream::take_error);
-            match outcome {
-                Some(Ok(None)) if flags.contains(PollFlags::POLLOUT) => flow.connected = true,
-                Some(Ok(None)) | None => {}
-                Some(Ok(Some(error)) | Err(error)) => self.fail_connect(id, &error.to_string()),
+                (Err(error), _) => self.fail_connect(id, &error.to_string()),
             }
             return;
         }
@@ -736,12 +733,20 @@ impl Stack {
         }
         let destination = SocketAddrV4::new(ip.dst_addr(), datagram.dst_port());
         let key = (datagram.src_port(), destination);
-        // A flow that exists was allowed when it opened: the decision (and
-        // its look at the host's addresses) is once per flow, not per
-        // datagram.
+        // A flow that exists was allowed when it opened, and one refused
+        // lately stays refused: the decision (and its look at the host's
+        // addresses) is once per flow, not per datagram.
+        let now = Instant::now();
         if let Some(flow) = self.udp.get_mut(&key) {
-            flow.last_used = Instant::now();
+            flow.last_used = now;
             let _ = flow.socket.send(datagram.payload());
+            return;
+        }
+        if self
+            .refused_udp
+            .get(&key)
+            .is_some_and(|since| now < *since + UDP_IDLE)
+        {
             return;
         }
         let verdict = self
@@ -763,14 +768,6 @@ impl Stack {
             // Only TCP is inspected; a UDP verdict never asks for it.
             Verdict::Inspect(_) => {}
             Verdict::Deny(denial) => {
-                let now = Instant::now();
-                if self
-                    .refused_udp
-                    .get(&key)
-                    .is_some_and(|since| now < *since + UDP_IDLE)
-                {
-                    return;
-                }
                 if self.refused_udp.len() >= REFUSED_UDP_MEMORY {
                     self.refused_udp.retain(|_, since| now < *since + UDP_IDLE);
                 }
@@ -1413,4 +1410,4 @@ mod inspected;
 #[cfg(test)]
 mod tests;
 
-use inspected::{flow_target, Inspection};
+use inspected::Inspection;

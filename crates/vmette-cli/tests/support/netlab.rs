@@ -359,6 +359,16 @@ impl NetLab {
         output
     }
 
+    /// Runs vmette with `args` inside the lab's vmette namespace, talking
+    /// to the test's own `daemon`.
+    pub fn run_with(&self, daemon: &super::TestDaemon<'_>, args: &[&str]) -> Output {
+        let child = self
+            .wrap(&daemon.command(args))
+            .spawn()
+            .expect("spawn vmette");
+        super::wait_with_limit(child, super::RUN_LIMIT)
+    }
+
     /// `command` run inside the vmette namespace.
     pub fn wrap(&self, command: &Command) -> Command {
         let mut wrapped = Command::new("ip");

@@ -231,14 +231,6 @@ impl TcpFlow {
     }
 }
 
-/// What an inspected flow is connected to, for a message.
-pub fn flow_target(flow: &TcpFlow) -> String {
-    match &flow.kind {
-        FlowKind::Inspected(inspection) => inspection.describe(),
-        _ => String::new(),
-    }
-}
-
 /// One turn of an inspected flow: reading its first bytes, or moving its
 /// bytes once connected.
 pub fn pump(socket: &mut tcp::Socket<'_>, flow: &mut TcpFlow, policy: &Policy) -> Outcome {
